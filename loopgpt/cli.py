@@ -1,0 +1,125 @@
+"""The `loopgpt` command line: one console script, one subcommand per job.
+
+    loopgpt --help
+    loopgpt info --checkpoint checkpoints/demo
+    loopgpt generate --prompt "Once upon a time" --loops 6 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
+
+
+def default_checkpoint() -> str:
+    """The shipped demo checkpoint (beside the source tree), else ./checkpoints/demo."""
+    return str(DEMO if DEMO.is_dir() else Path("checkpoints/demo"))
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return name
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 keeps all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loopgpt.model import SamplingParams, generate_text, load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    loops = args.loops or model.config.max_loops
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sys.stdout.write(args.prompt)
+    completion = None
+    for piece, completion in generate_text(  # noqa: B007 (the last completion is read below)
+        model, tokenizer, args.prompt, loops, args.max_tokens, params, args.seed, args.stop
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[loops={loops} tokens={len(completion.token_ids)} finish_reason={completion.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from loopgpt.model import load_checkpoint
+
+    model, tokenizer, evals = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    print(f"checkpoint   {args.checkpoint}")
+    print(f"parameters   {model.num_params():,} (without position embeddings; "
+          f"{model.num_params(non_embedding=False):,} in all)")
+    print(f"loops        1..{cfg.loop_cap} (trained up to {cfg.max_loops}; inner loops {cfg.inner_loops})")
+    print(f"tokenizer    {tokenizer.name} ({tokenizer.n_vocab} tokens)")
+    print(f"runtimes     {runtimes()}")
+    print("config")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:12} {value}")
+    if evals:
+        print("eval loss by loops")
+        for loops, row in sorted(evals.get("loops", {}).items(), key=lambda kv: int(kv[0])):
+            print(f"  {loops:>3}  {row['loss']:.4f}")
+    return 0
+
+
+def runtimes() -> str:
+    import torch
+
+    parts = [f"torch {torch.__version__} (cuda: {torch.cuda.is_available()})"]
+    if importlib.util.find_spec("onnxruntime") is None:
+        parts.append("onnxruntime not installed")
+    else:
+        import onnxruntime
+
+        parts.append(f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
+    return "; ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopgpt", description="Train, serve and measure loop-residual GPTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="one completion to stdout, streamed")
+    p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--loops", type=int, default=None, help="outer loops (default: the trained maximum)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="config, parameter count and loops range of a checkpoint")
+    p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ConfigError, bad flag values
+        print(f"loopgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`loopgpt generate` and `loopgpt info` as a user runs them: a real process, real exit codes.
+
+    python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def loopgpt(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "loopgpt.cli", *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_generate_prints_a_completion(tiny_checkpoint):
+    args = ("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "Once upon a time", "--loops", "3",
+            "--seed", "1", "--max-tokens", "12")
+    first, second = loopgpt(*args), loopgpt(*args)
+    assert first.stdout.startswith("Once upon a time") and len(first.stdout) > len("Once upon a time\n")
+    assert first.stdout == second.stdout  # same seed, same text
+    assert "loops=3" in first.stderr and "finish_reason=" in first.stderr
+
+
+def test_info_prints_config_params_and_loops(tiny_checkpoint):
+    out = loopgpt("info", "--checkpoint", str(tiny_checkpoint)).stdout
+    assert "parameters" in out and "loops        1..16 (trained up to 4" in out
+    assert "n_layer" in out and "eval loss by loops" in out
+
+
+def test_errors_are_one_sentence_and_non_zero(tiny_checkpoint, tmp_path):
+    proc = loopgpt("info", "--checkpoint", str(tmp_path / "missing"), check=False)
+    assert proc.returncode == 2 and "checkpoint directory does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = loopgpt("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "hi", "--loops", "99",
+                   "--max-tokens", "8", check=False)
+    assert proc.returncode == 2 and "loops must be in 1..16" in proc.stderr and "Traceback" not in proc.stderr
+    proc = loopgpt("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "hi", "--max-tokens", "5000",
+                   check=False)
+    assert proc.returncode == 2 and "exceeds the context" in proc.stderr
