@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="config, parameter count and loops range of a checkpoint")
     p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
     p.set_defaults(func=cmd_info)
+
+    from loopgpt.loadtest.cli import add_bench_parser, add_loadtest_parser
+
+    add_loadtest_parser(sub)
+    add_bench_parser(sub, default_checkpoint())
     return parser
 
 
