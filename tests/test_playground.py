@@ -1,0 +1,216 @@
+"""The playground page (GET /) in a real headless Chromium against a real `loopgpt serve` on 127.0.0.1.
+
+    python -m pytest tests/test_playground.py -q
+
+Drives Debian's /usr/bin/chromium through Python playwright (no `playwright install`). Locally the
+test skips with a reason when chromium or playwright is missing; with CI=true it must run.
+The checkpoint is a random model sized so that one greedy stream lasts seconds on CPU (Stop must land
+mid-stream), and whose end-of-text embedding is zero so greedy decoding never ends early.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import tiny_model
+from loopgpt.model import save_checkpoint
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+LOOP_CAP = 32
+BLOCK = 512
+
+
+def browser_or_skip():
+    """playwright's sync API, or a skip with the reason (a failure under CI=true)."""
+    missing = None
+    if not CHROMIUM.is_file():
+        missing = f"{CHROMIUM} is absent (apt-get install chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "python playwright is not installed (pip install playwright)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser test must run in CI but {missing}")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, bpe):
+    directory = tmp_path_factory.mktemp("playground-ckpt")
+    model = tiny_model(vocab_size=bpe.n_vocab, eot_token=bpe.eot_token, block_size=BLOCK, n_embd=64,
+                       loop_cap=LOOP_CAP)
+    with torch.no_grad():  # tied embeddings: a zero row gives end-of-text a logit of 0, below the greedy max
+        model.transformer.wte.weight[bpe.eot_token].zero_()
+    evals = {"data": "synthetic", "loops": {str(n): {"loss": 6.0 - 0.2 * n, "ppl": 0.0} for n in range(1, 5)}}
+    save_checkpoint(model, directory, bpe, eval_results=evals)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`loopgpt serve` as a subprocess; yields its base URL once /health answers 200."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w+")
+    cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", str(checkpoint),
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-batch", "4"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"loopgpt serve exited with {proc.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("loopgpt serve did not answer /health within 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def metric(url: str, name: str, labelled: bool = False) -> float:
+    """Sum of one Prometheus series over its labels, read from /metrics. A labelled counter has no
+    samples before its first request, so it reads 0; an unlabelled gauge must always be there."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    assert values or labelled, f"{name} is not in /metrics"
+    return sum(values)
+
+
+def set_slider(page, selector: str, value: int) -> None:
+    """Move a range input with the keyboard, as a user would (Home, then ArrowRight)."""
+    slider = page.locator(selector)
+    slider.focus()
+    slider.press("Home")
+    for _ in range(value - int(slider.get_attribute("min"))):
+        slider.press("ArrowRight")
+    assert slider.input_value() == str(value)
+
+
+def test_page_shows_the_checkpoints_loops_and_eval_loss(page):
+    slider = page.locator("#loops")
+    assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("1", str(LOOP_CAP))
+    assert slider.input_value() == "4"  # the trained maximum is the default
+    assert "eval loss 5.200" in page.locator("#loops-a-tag").inner_text()
+    set_slider(page, "#loops", 2)
+    assert "eval loss 5.600" in page.locator("#loops-a-tag").inner_text()
+    assert page.locator("#evals .sel-a").first.inner_text() == "2"
+    set_slider(page, "#loops", 9)
+    assert "not evaluated" in page.locator("#loops-a-tag").inner_text()
+
+
+def test_generate_streams_text_and_timing(page, server, tmp_path):
+    page.fill("#prompt", "Once upon a time")
+    set_slider(page, "#loops", 3)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "24")
+    page.click("#generate")
+    pane = page.locator(".pane.a")
+    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=30_000)
+    assert pane.locator(".error").inner_text() == ""
+    assert pane.locator(".tag").inner_text() == "loops 3"
+    assert pane.locator(".completion").inner_text().strip() != ""
+    assert pane.locator("[data-stat=tokens]").inner_text() == "24"
+    assert pane.locator("[data-stat=finish]").inner_text() == "length"
+    assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", pane.locator("[data-stat=ttft]").inner_text())
+    assert float(pane.locator("[data-stat=tps]").inner_text()) > 0
+    assert "prompt" in pane.locator(".server").inner_text()  # the server's final event: usage and timing
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+def test_compare_mode_runs_two_loop_counts_side_by_side(page, tmp_path):
+    assert page.locator("#loops-b").is_hidden()
+    page.check("#compare")
+    assert page.locator("#loops-b").is_visible()
+    set_slider(page, "#loops", 4)
+    set_slider(page, "#loops-b", 1)
+    page.fill("#max-tokens", "16")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function("[...document.querySelectorAll('.pane')].every(p => p.dataset.done === 'true')"
+                           " && document.querySelectorAll('.pane').length === 2", timeout=30_000)
+    tags = page.locator(".pane .tag").all_inner_texts()
+    assert tags == ["loops 4", "loops 1"]
+    for text in page.locator(".pane .completion").all_inner_texts():
+        assert text.strip() != ""
+    page.screenshot(path=str(tmp_path / "playground-compare.png"), full_page=True)
+
+
+def test_stop_aborts_the_stream_on_the_server(page, server):
+    max_tokens = BLOCK - 16
+    tokens_before = metric(server, "loopgpt_generation_tokens_total", labelled=True)
+    page.fill("#prompt", "Once upon a time")
+    set_slider(page, "#loops", LOOP_CAP)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('.pane.a .completion')?.textContent.length > 0",
+                           timeout=30_000)
+    assert metric(server, "loopgpt_requests_running") == 1
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=5_000)
+    assert page.locator(".pane.a [data-stat=finish]").inner_text() == "stopped"
+    assert page.locator("#generate").is_enabled() and page.locator("#stop").is_disabled()
+    deadline = time.monotonic() + 10
+    while metric(server, "loopgpt_requests_running") != 0:
+        assert time.monotonic() < deadline, "the server still runs the stopped request after 10 s"
+        time.sleep(0.1)
+    generated = metric(server, "loopgpt_generation_tokens_total", labelled=True) - tokens_before
+    assert generated < max_tokens, f"the server generated all {max_tokens} tokens: Stop did not abort it"
