@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
     p.set_defaults(func=cmd_info)
 
+    from loopgpt.server.serve import add_serve_args, cmd_serve
+
+    p = sub.add_parser("serve", help="HTTP server: streaming, OpenAI-compatible, per-request loops")
+    add_serve_args(p, default_checkpoint())
+    p.set_defaults(func=cmd_serve)
+
     from loopgpt.loadtest.cli import add_bench_parser, add_loadtest_parser
 
     add_loadtest_parser(sub)

@@ -1,0 +1,112 @@
+"""ServerMetrics: Prometheus series for latency and quality per loop count (names as in DESIGN.md).
+
+Every per-request series carries a `loops` label whose values are only the valid loop counts
+1..loop_cap, pre-created at 0 so that dashboards show every depth before the first request.
+Requests rejected before their loop count is known (or with an invalid one) count under
+`loops="invalid"` in `requests_total` only.
+
+    curl -s 127.0.0.1:8000/metrics | grep '^loopgpt_'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "loopgpt"
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+NLL_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0)
+FINISH_REASONS = ("stop", "length", "abort")
+ENDPOINTS = ("generate", "completions")
+INVALID = "invalid"
+
+
+class ServerMetrics:
+    def __init__(self, loop_cap: int, evals: dict | None = None, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.loop_cap = loop_cap
+        r, ns = self.registry, PREFIX
+        per_loops = ["loops"]
+        self.requests = Counter("requests", "HTTP requests by endpoint, loops and status code",
+                                ["endpoint", "loops", "code"], namespace=ns, registry=r)
+        self.success = Counter("request_success", "Finished generations by finish reason",
+                               ["loops", "finish_reason"], namespace=ns, registry=r)
+        hist = dict(namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("time_to_first_token_seconds", "Arrival to first token", per_loops, **hist)
+        self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive tokens", per_loops, **hist)
+        self.e2e = Histogram("e2e_request_latency_seconds", "Arrival to last event", per_loops, **hist)
+        self.queue = Histogram("queue_time_seconds", "Arrival to admission into the batch", per_loops, **hist)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens prefilled", per_loops, namespace=ns, registry=r)
+        self.gen_tokens = Counter("generation_tokens", "Tokens generated", per_loops, namespace=ns, registry=r)
+        self.running = Gauge("requests_running", "Requests in the decode batch", namespace=ns, registry=r)
+        self.waiting = Gauge("requests_waiting", "Requests waiting for a batch row", namespace=ns, registry=r)
+        self.batch_size = Gauge("batch_size", "Rows in the last decode step", namespace=ns, registry=r)
+        self.kv_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV-cache positions in use", namespace=ns,
+                              registry=r)
+        q = dict(namespace=ns, registry=r, buckets=NLL_BUCKETS)
+        self.token_nll = Histogram("token_nll", "NLL (nats) of each generated token under the model", per_loops, **q)
+        self.token_entropy = Histogram("token_entropy", "Entropy (nats) of the model's next-token distribution",
+                                       per_loops, **q)
+        self.prompt_nll = Histogram("prompt_nll", "Mean NLL (nats) of a prompt's own tokens at the request's loops",
+                                    per_loops, **q)
+        self.eval_loss = Gauge("checkpoint_eval_loss", "Held-out loss from the checkpoint's eval.json", per_loops,
+                               namespace=ns, registry=r)
+        self._precreate()
+        for loops, row in ((evals or {}).get("loops") or {}).items():
+            if str(loops).isdigit() and 1 <= int(loops) <= loop_cap and "loss" in row:
+                self.eval_loss.labels(str(int(loops))).set(float(row["loss"]))
+
+    def _precreate(self) -> None:
+        for n in range(1, self.loop_cap + 1):
+            loops = str(n)
+            for endpoint in ENDPOINTS:
+                self.requests.labels(endpoint, loops, "200")
+            for reason in FINISH_REASONS:
+                self.success.labels(loops, reason)
+            for series in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.gen_tokens,
+                           self.token_nll, self.token_entropy, self.prompt_nll):
+                series.labels(loops)
+
+    def loops_label(self, loops: Any) -> str:
+        return str(loops) if isinstance(loops, int) and 1 <= loops <= self.loop_cap else INVALID
+
+    def request(self, endpoint: str, loops: Any, code: int) -> None:
+        self.requests.labels(endpoint, self.loops_label(loops), str(code)).inc()
+
+    # ---- engine hooks (engine thread) ----
+
+    def queued(self, req: Any, seconds: float) -> None:
+        self.queue.labels(str(req.loops)).observe(seconds)
+        self.prompt_tokens.labels(str(req.loops)).inc(len(req.prompt_ids))
+
+    def prompt_scored(self, req: Any, nll: float) -> None:
+        self.prompt_nll.labels(str(req.loops)).observe(nll)
+
+    def token(self, req: Any, itl: float | None, nll: float, entropy: float, first: bool) -> None:
+        loops = str(req.loops)
+        if first:
+            self.ttft.labels(loops).observe(req.first_token_at - req.arrival)
+        if itl is not None:
+            self.itl.labels(loops).observe(itl)
+        self.token_nll.labels(loops).observe(nll)
+        self.token_entropy.labels(loops).observe(entropy)
+
+    def batch(self, rows: int) -> None:
+        self.batch_size.set(rows)
+
+    def finished(self, req: Any, ev: Any) -> None:
+        loops = str(req.loops)
+        self.success.labels(loops, ev.finish_reason).inc()
+        self.e2e.labels(loops).observe(ev.e2e_s)
+        self.gen_tokens.labels(loops).inc(ev.completion_tokens)
+
+    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        if running == 0:
+            self.batch_size.set(0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

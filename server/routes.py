@@ -1,0 +1,146 @@
+"""Generation routes: `POST /generate` (our SSE/JSON shape) and `POST /v1/completions` (OpenAI's).
+
+Both validate everything before the first byte, submit one engine Request, then read that request's
+own asyncio queue; a stream whose client goes away aborts its request in the `finally`.
+
+    curl -N 127.0.0.1:8000/generate?loops=6 -H 'Content-Type: application/json' \
+         -d '{"prompt": "Once upon a time", "max_tokens": 32, "stream": true}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from loopgpt.model import SamplingParams
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request as HTTPRequest
+
+from .engine import FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
+from .schemas import APIError, CompletionBody, GenerateBody, parse_body, query_loops, read_json
+
+router = APIRouter()
+RETRY_AFTER_S = "1"
+
+
+async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any, Request, asyncio.Queue, Any]:
+    """Validate, build and submit the engine request; counts every outcome in requests_total."""
+    state = http.app.state.loopgpt
+    loops: Any = None
+    try:
+        state.authorize(http)
+        if state.engine is None:
+            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+        body = parse_body(body_cls, await read_json(http, state.max_body))
+        loops = query_loops(http.query_params.get("loops"))
+        loops = loops if loops is not None else body.loops if body.loops is not None else state.config.max_loops
+        prompt_ids = state.encode_prompt(body.prompt_text_or_ids() if endpoint == "completions" else body.prompt)
+        state.check_limits(len(prompt_ids), body.max_tokens, loops)
+        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        req = Request(prompt_ids, loops, body.max_tokens, params, seed=body.seed, stop=body.stop_list(),
+                      endpoint=endpoint, emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        try:
+            state.engine.submit(req)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from e
+        except NotAccepting as e:
+            raise APIError(503, str(e), code="not_ready") from e
+    except APIError as e:
+        if state.metrics is not None:
+            state.metrics.request(endpoint, loops, e.status)
+        raise
+    if state.metrics is not None:
+        state.metrics.request(endpoint, loops, 200)
+    return state, req, queue, body
+
+
+async def events(state: Any, req: Request, queue: asyncio.Queue, http: HTTPRequest | None) -> AsyncIterator[Any]:
+    """The request's events up to its FinishEvent; aborts it if the consumer stops early.
+
+    With `http` (non-streaming), polls for a disconnected client; SSE responses detect it themselves.
+    """
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), 1.0)
+            except TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    return
+                continue
+            yield ev
+            if isinstance(ev, FinishEvent):
+                return
+    finally:
+        if not req.done:
+            state.engine.abort(req)
+
+
+def summary(ev: FinishEvent, loops: int) -> dict:
+    return {
+        "finish_reason": ev.finish_reason,
+        "usage": {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                  "total_tokens": ev.prompt_tokens + ev.completion_tokens},
+        "loops": loops,
+        "timing": {"ttft_s": ev.ttft_s, "e2e_s": ev.e2e_s, "tokens_per_s": ev.tokens_per_s},
+        "quality": {"prompt_nll": ev.prompt_nll, "token_nll": ev.token_nll},
+    }
+
+
+@router.post("/generate")
+async def generate(http: HTTPRequest):
+    state, req, queue, body = await submit(http, "generate", GenerateBody)
+    if body.stream:
+        async def stream() -> AsyncIterator[dict]:
+            async for ev in events(state, req, queue, None):
+                if isinstance(ev, TokenEvent):
+                    yield {"data": state.dumps({"text": ev.text, "token_id": ev.token_id, "index": ev.index})}
+                else:
+                    yield {"data": state.dumps({"text": ev.text, **summary(ev, req.loops)})}
+            yield {"data": "[DONE]"}
+        return EventSourceResponse(stream())
+    text, final = [], None
+    async for ev in events(state, req, queue, http):
+        text.append(ev.text)
+        final = ev if isinstance(ev, FinishEvent) else None
+    if final is None:  # the client left; nobody reads this
+        raise APIError(499, "client disconnected")
+    return JSONResponse({"text": "".join(text), "model": state.name, **summary(final, req.loops)})
+
+
+@router.post("/v1/completions")
+async def completions(http: HTTPRequest):
+    state, req, queue, body = await submit(http, "completions", CompletionBody)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.name}
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    if body.stream:
+        async def stream() -> AsyncIterator[dict]:
+            async for ev in events(state, req, queue, None):
+                choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": None}
+                extra: dict = {"usage": None} if include_usage else {}
+                if isinstance(ev, FinishEvent):
+                    s = summary(ev, req.loops)
+                    choice["finish_reason"] = ev.finish_reason
+                    extra.update(loops=req.loops, timing=s["timing"], quality=s["quality"])
+                yield {"data": state.dumps({**head, "choices": [choice], **extra})}
+                if isinstance(ev, FinishEvent) and include_usage:
+                    yield {"data": state.dumps({**head, "choices": [], "usage": summary(ev, req.loops)["usage"]})}
+            yield {"data": "[DONE]"}
+        return EventSourceResponse(stream())
+    text, final = [], None
+    async for ev in events(state, req, queue, http):
+        text.append(ev.text)
+        final = ev if isinstance(ev, FinishEvent) else None
+    if final is None:
+        raise APIError(499, "client disconnected")
+    s = summary(final, req.loops)
+    choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": final.finish_reason}
+    return JSONResponse({**head, "choices": [choice], "usage": s["usage"], "loops": req.loops,
+                         "timing": s["timing"], "quality": s["quality"]})

@@ -1,0 +1,110 @@
+"""ModelRunner: the one place that knows about torch devices, dtypes and the engine's KV cache.
+
+The engine talks to the model only through this class, and this class uses the model only through
+`model.config` and `model(idx, loops, kv_cache=..., rows=...)`, so any runner with that call
+signature (the ONNX runner of `loopgpt.export`) can stand in for a `LoopGPT`.
+
+    python -c "from loopgpt.server.runner import load_backend; print(load_backend('checkpoints/demo'))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from loopgpt.model import KVCache, Tokenizer, load_checkpoint, make_generator
+
+
+class BackendError(ValueError):
+    """A backend or device that cannot be used; the message says what to do instead."""
+
+
+@dataclass
+class Loaded:
+    """What `loopgpt serve` needs from a checkpoint, whatever the backend."""
+
+    model: Any  # LoopGPT, or a runner with the same .config and call signature
+    tokenizer: Tokenizer
+    evals: dict | None
+    name: str
+    device: str
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise BackendError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto") -> Loaded:
+    """Load a checkpoint (torch) or an export directory (onnx) for serving."""
+    name = Path(checkpoint).resolve().name
+    if backend == "torch":
+        dev = pick_device(device)
+        model, tokenizer, evals = load_checkpoint(checkpoint, device=dev)
+        return Loaded(model, tokenizer, evals, name, dev)
+    if backend == "onnx":
+        try:
+            from loopgpt.export.runtime import load_onnx
+        except ImportError as e:
+            raise BackendError(f"--backend onnx is not available yet ({e}); use --backend torch") from e
+        runner, tokenizer, evals = load_onnx(checkpoint)
+        return Loaded(runner, tokenizer, evals, name, "cpu")
+    raise BackendError(f"--backend must be torch or onnx, got {backend!r}")
+
+
+class ModelRunner:
+    """Owns the model and one preallocated KV cache of `max_batch` rows; runs prefill and decode steps."""
+
+    def __init__(self, model: Any, max_batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.config = model.config
+        self.device = torch.device(device)
+        self.cache = KVCache(self.config, max_batch, device=self.device, dtype=dtype)
+
+    @property
+    def max_batch(self) -> int:
+        return self.cache.batch_size
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Entered once by the engine thread around its whole loop (inference mode is per thread)."""
+        return torch.inference_mode()
+
+    def generator(self, seed: int | None) -> torch.Generator:
+        return make_generator(seed, self.device)
+
+    def prefill(self, row: int, prompt: list[int], loops: int, prompt_nll: bool) -> tuple[torch.Tensor, float | None]:
+        """Fill cache row `row` with the prompt; (logits of the last position (V,), mean prompt NLL or None)."""
+        self.cache.reset([row])
+        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
+        rows = torch.tensor([row], dtype=torch.long, device=self.device)
+        logits, _ = self.model(idx, loops, kv_cache=self.cache, rows=rows)  # (1, T, V)
+        nll = None
+        if prompt_nll and len(prompt) > 1:
+            # Teacher-forced CE of the prompt's own tokens: real text scored at the request's depth, for free.
+            nll = float(F.cross_entropy(logits[0, :-1].float(), idx[0, 1:]))
+        return logits[0, -1], nll
+
+    def decode(self, rows: list[int], tokens: list[int], loops: list[int]) -> torch.Tensor:
+        """One token for each of `rows` in ONE forward, each row at its own depth; logits (B, V)."""
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        loops_t = torch.tensor(loops, dtype=torch.long, device=self.device)
+        logits, _ = self.model(idx, loops_t, kv_cache=self.cache, rows=row_t)  # (B, 1, V)
+        return logits[:, -1]
+
+    def free(self, row: int) -> None:
+        self.cache.reset([row])
+
+    def usage(self) -> float:
+        return self.cache.usage()

@@ -1,0 +1,85 @@
+"""Helpers for the server tests: a real uvicorn server on a free 127.0.0.1 port, SSE parsing, a checkpoint
+with a long context (so that a request can outlive the few steps a test needs).
+
+    python -m pytest tests/test_server_http.py -q
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+from conftest import tiny_model
+
+from loopgpt.model import save_checkpoint
+from loopgpt.server.app import ServerOptions, create_app
+from loopgpt.server.runner import load_backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
+    """(base URL, app) of a uvicorn server in a thread, ready (/health 200) before it is yielded."""
+    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu"), ServerOptions(**options))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy within 60 s"
+        time.sleep(0.05)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def make_long_checkpoint(directory: Path, bpe) -> Path:
+    """The tiny model with a 1024-token context: a 900-token request runs for seconds on CPU."""
+    model = tiny_model(vocab_size=bpe.n_vocab, eot_token=bpe.eot_token, block_size=1024)
+    save_checkpoint(model, directory, bpe)
+    return directory
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
+    """Parsed `data:` payloads of an SSE stream; "[DONE]" comes through as the string."""
+    for line in lines:
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def post(url: str, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60, **kw)
+
+
+def metric_value(url: str, name: str, **labels) -> float:
+    """One sample of /metrics, parsed with prometheus_client's own parser; 0 if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
