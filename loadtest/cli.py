@@ -74,6 +74,7 @@ def add_bench_parser(sub, default_checkpoint: str) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per repetition (default 64)")
     p.add_argument("--onnx", default=None, help="ONNX export directory for row 5 (default: export it to a temp dir)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every contender (default 1)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     p.set_defaults(func=cmd_bench)
 
@@ -81,5 +82,8 @@ def add_bench_parser(sub, default_checkpoint: str) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    rows = {int(r) for r in args.rows.split(",") if r.strip()}
-    return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx)
+    try:
+        rows = {int(r) for r in args.rows.split(",") if r.strip()}
+    except ValueError:
+        raise ValueError(f"--rows takes numbers 1..6 separated by commas, got {args.rows!r}") from None
+    return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx, args.threads)
