@@ -108,6 +108,9 @@ class ServerState:
             raise APIError(400, f"loops must be in 1..{cfg.loop_cap}, got {loops}", "loops")
         if n_prompt < 1:
             raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
+        if n_prompt >= cfg.block_size:
+            raise APIError(400, f"prompt ({n_prompt} tokens) fills the context of {cfg.block_size} tokens; "
+                           "shorten it", "prompt")
         if n_prompt + max_tokens > cfg.block_size:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
                            f"{cfg.block_size} tokens; shorten the prompt or lower max_tokens", "max_tokens")

@@ -39,12 +39,14 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
         body = parse_body(body_cls, await read_json(http, state.max_body))
         loops = query_loops(http.query_params.get("loops"))
         loops = loops if loops is not None else body.loops if body.loops is not None else state.config.max_loops
+        stop = body.stop_list()
         prompt_ids = state.encode_prompt(body.prompt_text_or_ids() if endpoint == "completions" else body.prompt)
-        state.check_limits(len(prompt_ids), body.max_tokens, loops)
+        max_tokens = body.tokens_to_generate(len(prompt_ids), state.config.block_size)
+        state.check_limits(len(prompt_ids), max_tokens, loops)
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        req = Request(prompt_ids, loops, body.max_tokens, params, seed=body.seed, stop=body.stop_list(),
+        req = Request(prompt_ids, loops, max_tokens, params, seed=body.seed, stop=stop,
                       endpoint=endpoint, emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         try:
             state.engine.submit(req)

@@ -9,6 +9,7 @@ Unknown fields are ignored, as OpenAI and vLLM do; every rejected field is named
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -36,7 +37,7 @@ class APIError(Exception):
 class SamplingBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: int = Field(default=64, ge=1, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)  # None: default_max_tokens, within context
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0, strict=True)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -44,6 +45,13 @@ class SamplingBody(BaseModel):
     stop: str | list[str] | None = Field(default=None)
     stream: bool = False
     loops: int | None = Field(default=None, strict=True)
+    default_max_tokens: ClassVar[int] = 64
+
+    def tokens_to_generate(self, n_prompt: int, context: int) -> int:
+        """max_tokens as given, else the endpoint's default cut to the context left after the prompt."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return max(1, min(self.default_max_tokens, context - n_prompt))
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -66,7 +74,7 @@ class CompletionBody(SamplingBody):
 
     prompt: str | list[str] | list[int]
     model: str | None = None
-    max_tokens: int = Field(default=16, ge=1, strict=True)
+    default_max_tokens: ClassVar[int] = 16  # OpenAI's default
     n: int = Field(default=1, ge=1, le=1)
     stream_options: StreamOptions | None = None
 

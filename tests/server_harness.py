@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import uvicorn
 from conftest import tiny_model
-
 from loopgpt.model import save_checkpoint
 from loopgpt.server.app import ServerOptions, create_app
 from loopgpt.server.runner import load_backend

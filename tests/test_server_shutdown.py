@@ -1,0 +1,74 @@
+"""`loopgpt serve` as a real process: SIGTERM drains (streams keep going for the grace period, then end
+with finish_reason "abort"), no new work is admitted, and the process exits 0.
+
+    python -m pytest tests/test_server_shutdown.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from server_harness import free_port, make_long_checkpoint, sse_events
+
+GRACE_S = 1.5
+
+
+@pytest.fixture
+def serve_process(tmp_path_factory, bpe):
+    ckpt = make_long_checkpoint(tmp_path_factory.mktemp("long-ckpt"), bpe)
+    port = free_port()
+    cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
+           "--device", "cpu", "--max-batch", "2", "--shutdown-grace", str(GRACE_S), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "loopgpt serve did not become healthy within 90 s"
+        time.sleep(0.1)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def refused(url: str, body: dict) -> bool:
+    """Not admitted: the listening socket is closed, or the server answers 503."""
+    try:
+        return httpx.post(f"{url}/generate", json=body, timeout=5).status_code == 503
+    except httpx.TransportError:
+        return True
+
+
+def test_sigterm_drains_then_aborts_and_exits_0(serve_process):
+    proc, url = serve_process
+    body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True}
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+        events = sse_events(r.iter_lines())
+        before = [next(events), next(events)]
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.3)
+        assert refused(url, body), "a new request was admitted while draining"
+        rest = list(events)
+        ended = time.monotonic()
+    assert [e["index"] for e in before] == [0, 1]
+    assert rest[-1] == "[DONE]"
+    final = rest[-2]
+    assert final["finish_reason"] == "abort"
+    # The stream was not cut at the signal: it kept producing tokens for about the grace period.
+    assert ended - signalled >= GRACE_S * 0.8
+    assert proc.wait(30) == 0, proc.stdout.read()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
