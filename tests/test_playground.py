@@ -10,6 +10,7 @@ mid-stream), and whose end-of-text embedding is zero so greedy decoding never en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -66,13 +67,13 @@ def checkpoint(tmp_path_factory, bpe):
     return directory
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """`loopgpt serve` as a subprocess; yields its base URL once /health answers 200."""
+@contextlib.contextmanager
+def serving(checkpoint: Path, log_path: Path, *flags: str):
+    """`loopgpt serve` as a subprocess on a free port; yields its base URL once /health answers 200."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w+")
+    log = log_path.open("w+")
     cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", str(checkpoint),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-batch", "4"]
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-batch", "4", *flags]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -101,6 +102,12 @@ def server(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    with serving(checkpoint, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def browser():
     sync_playwright = browser_or_skip()
     with sync_playwright() as p:
@@ -111,17 +118,24 @@ def browser():
             browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextlib.contextmanager
+def open_page(browser, url: str):
+    """A fresh browser context on the playground; fails the test on any uncaught JavaScript error."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server + "/")
-    page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+    page.goto(url + "/")
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser, server):
+    with open_page(browser, server) as page:
+        page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+        yield page
 
 
 def metric(url: str, name: str, labelled: bool = False) -> float:
@@ -197,7 +211,7 @@ def test_stop_aborts_the_stream_on_the_server(page, server):
     max_tokens = BLOCK - 16
     tokens_before = metric(server, "loopgpt_generation_tokens_total", labelled=True)
     page.fill("#prompt", "Once upon a time")
-    set_slider(page, "#loops", LOOP_CAP)
+    set_slider(page, "#loops", LOOP_CAP // 2)
     page.fill("#temperature", "0")
     page.fill("#max-tokens", str(max_tokens))
     page.click("#generate")
@@ -214,3 +228,29 @@ def test_stop_aborts_the_stream_on_the_server(page, server):
         time.sleep(0.1)
     generated = metric(server, "loopgpt_generation_tokens_total", labelled=True) - tokens_before
     assert generated < max_tokens, f"the server generated all {max_tokens} tokens: Stop did not abort it"
+
+
+def test_a_rejected_request_shows_the_servers_message(page):
+    page.fill("#max-tokens", str(BLOCK * 4))
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
+    error = page.locator(".pane.a .error").inner_text()
+    assert error.startswith("400: ") and "context" in error, error
+    assert page.locator(".pane.a .completion").inner_text() == ""
+
+
+@pytest.mark.slow  # starts a second server
+def test_api_key_field_is_sent_as_bearer_token(browser, tiny_checkpoint, tmp_path):
+    with serving(tiny_checkpoint, tmp_path / "serve.log", "--api-key", "s3cret") as url, \
+            open_page(browser, url) as page:
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('401: ')",
+                               timeout=10_000)
+        assert page.locator("#key-box").get_attribute("open") is not None  # the page asks for the key
+        page.fill("#api-key", "s3cret")
+        page.press("#api-key", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+        page.fill("#max-tokens", "8")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
+        assert page.locator(".pane.a .error").inner_text() == ""
+        assert page.locator(".pane.a [data-stat=tokens]").inner_text() == "8"
