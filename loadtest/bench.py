@@ -118,10 +118,9 @@ def row_cuda() -> Row:
     row = Row(6, "CUDA decode, batch 1 and 64, roofline fraction", "tok/s", "-", "-")
     if not torch.cuda.is_available():
         row.skipped = "no CUDA device (torch.cuda.is_available() is False)"
-        return row
-    from .bench_cuda import cuda_row
-
-    return cuda_row(row)
+    else:  # written and tested on CPU-only machines so far: no GPU was available to validate a CUDA row
+        row.skipped = "the CUDA row is not implemented yet"
+    return row
 
 
 def machine() -> dict:
@@ -172,4 +171,4 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
 def _http_rows(checkpoint, model, prompt, tokenizer, tokens, reps, rows) -> list[Row]:
     from .bench_http import http_rows
 
-    return http_rows(checkpoint, model, tokenizer.decode(prompt), tokens, reps, rows)
+    return http_rows(checkpoint, model, tokenizer.decode(prompt), prompt, tokens, reps, rows)
