@@ -36,8 +36,8 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
         state.authorize(http)
         if state.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+        loops = query_loops(http.query_params.get("loops"))  # first, so that later errors carry its label
         body = parse_body(body_cls, await read_json(http, state.max_body))
-        loops = query_loops(http.query_params.get("loops"))
         loops = loops if loops is not None else body.loops if body.loops is not None else state.config.max_loops
         stop = body.stop_list()
         prompt_ids = state.encode_prompt(body.prompt_text_or_ids() if endpoint == "completions" else body.prompt)
