@@ -42,7 +42,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from loopgpt.model import SamplingParams, generate_text, load_checkpoint
 
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    if args.backend == "onnx":
+        from loopgpt.export import load_onnx
+
+        model, tokenizer, _ = load_onnx(args.checkpoint)
+    else:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=pick_device(args.device))
     loops = args.loops or model.config.max_loops
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sys.stdout.write(args.prompt)
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--loops", type=int, default=None, help="outer loops (default: the trained maximum)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="onnx: --checkpoint is a `loopgpt export onnx` directory")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -118,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loadtest_parser(sub)
     add_bench_parser(sub, default_checkpoint())
+
+    from loopgpt.export.command import add_export_parser
+
+    add_export_parser(sub, default_checkpoint())
     return parser
 
 
