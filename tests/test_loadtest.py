@@ -226,3 +226,70 @@ def test_cli_loadtest_writes_table_json_and_plot(stub, tmp_path, capsys):
 def test_cli_loadtest_bad_input_is_one_sentence(capsys):
     assert main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "0"]) == 2
     assert "--requests must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- end to end: the real `loopgpt serve`
+
+@pytest.fixture(scope="module")
+def real_server(tiny_checkpoint):
+    """`loopgpt serve` on the tiny checkpoint, as a subprocess on a free 127.0.0.1 port."""
+    from loopgpt.loadtest.bench_http import serve
+
+    with serve(str(tiny_checkpoint), max_batch=4, threads=1, timeout=120) as url:
+        yield url
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "completions"])
+def test_loadtest_against_the_real_server(real_server, endpoint):
+    bad_loops = 99  # beyond the tiny checkpoint's loop_cap of 16: the server must answer 4xx
+    cfg = LoadConfig(url=real_server, loops_mix={1: 2, 4: 2, bad_loops: 1}, max_tokens=8, concurrency=3, requests=15,
+                     endpoint=endpoint, progress=False, timeout=60)
+    records, duration = asyncio.run(run_load(cfg))
+    s = summarize_by_loops(records, duration)
+    assert len(records) == 15 and sum(row["requests"] for row in s["by_loops"].values()) == 15
+    bad = s["by_loops"][bad_loops]  # seed 0 draws it (the mix is seeded, so this cannot flake)
+    assert bad["requests"] > 0 and bad["ok"] == 0 and all(400 <= int(code) < 500 for code in bad["errors"])
+    assert all("loops" in r.error for r in records if r.loops == bad_loops)
+    for n in (1, 4):
+        row = s["by_loops"][n]
+        assert row["ok"] == row["requests"] > 0, [r.error for r in records if r.loops == n and not r.ok]
+        assert 0 < row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
+        if endpoint == "generate":  # the quality numbers ride on /generate's final event
+            assert row["prompt_nll"] > 0 and row["token_nll"] > 0
+    for r in records:
+        if r.ok:
+            assert 1 <= r.tokens <= 8 and r.finish_reason in ("stop", "length")
+            assert len(r.itls) <= r.tokens - 1
+
+
+def test_bench_rows_1_and_2_write_ratios(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,2,6", "--reps", "2", "--tokens", "6",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert set(rows) == {1, 2, 6} and data["tokens"] == 6 and data["machine"]["threads"] == 1
+    for n in (1, 2):
+        assert len(rows[n]["ours"]) == len(rows[n]["base"]) == 2 and rows[n]["ratio"] > 0
+        ours, base = rows[n]["ours_median"], rows[n]["base_median"]
+        assert rows[n]["ratio"] == pytest.approx(ours / base if n == 1 else base / ours)  # >1 always means faster
+    assert "no KV cache" in " ".join(rows[1]["extra"]) and rows[6]["skipped"]
+    assert "decode batch 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_http_and_onnx_rows(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "3,4,5", "--reps", "1", "--tokens", "6",
+                 "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[3]["extra"]["failed requests"] == 0 and rows[4]["extra"]["failed requests"] == 0
+    assert rows[3]["ratio"] > 0 and rows[4]["ratio"] > 0
+    assert rows[5]["skipped"] or rows[5]["ratio"] > 0
+
+
+def test_bench_bad_rows_is_one_sentence(tiny_checkpoint, capsys):
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,x"]) == 2
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--rows takes numbers 1..6" in err and err.count("\n") == 2
