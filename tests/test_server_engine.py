@@ -10,7 +10,6 @@ import threading
 import pytest
 import torch
 from conftest import tiny_model
-
 from loopgpt.model import KVCache, SamplingParams, generate_tokens, load_checkpoint
 from loopgpt.server.engine import Engine, FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
 from loopgpt.server.runner import ModelRunner
@@ -137,5 +136,29 @@ def test_queue_bound_and_not_accepting(engine_parts):
         engine.drain(0.0)
         with pytest.raises(NotAccepting):
             engine.submit(Request(ids, 1, 2, GREEDY, emit=Collector()))
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow  # the ONNX export itself takes ~20 s on a shared CPU
+def test_onnx_runner_plugs_into_the_engine(tiny_checkpoint, tmp_path, engine_parts):
+    """`--backend onnx`: the export helper's runner, same call signature, same greedy tokens per loops."""
+    pytest.importorskip("onnxruntime")
+    export = pytest.importorskip("loopgpt.export.onnx_export")
+    from loopgpt.server.runner import load_backend
+
+    export.export_onnx(tiny_checkpoint, tmp_path / "onnx", verify=False)
+    loaded = load_backend(tmp_path / "onnx", "onnx")
+    model, tokenizer = engine_parts
+    engine = Engine(ModelRunner(loaded.model, max_batch=3, device=loaded.device), loaded.tokenizer)
+    engine.start()
+    try:
+        specs = [("Once upon a time", 1), ("She loved", 7), ("The end", 16)]
+        collectors = [Collector() for _ in specs]
+        for (prompt, loops), c in zip(specs, collectors, strict=True):
+            engine.submit(Request(tokenizer.encode(prompt), loops, 12, GREEDY, emit=c, eos_token=-1))
+        for (prompt, loops), c in zip(specs, collectors, strict=True):
+            assert c.finish().finish_reason == "length"
+            assert c.tokens() == list(generate_tokens(model, tokenizer.encode(prompt), loops, 12, GREEDY))
     finally:
         engine.stop()
