@@ -135,6 +135,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, verify: bool = True,
     cfg = model.config
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    if out.resolve() == src.resolve():
+        raise ExportError(f"{out}: is the checkpoint directory itself; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     graphs = {}
     specs = _specs(model)

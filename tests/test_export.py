@@ -172,10 +172,12 @@ def test_cli_generate_onnx_equals_torch(exported, tiny_checkpoint, capsys):
     assert capsys.readouterr().out == torch_out
 
 
-def test_cli_errors_are_one_sentence(tmp_path, capsys):
+def test_cli_errors_are_one_sentence(tmp_path, tiny_checkpoint, capsys):
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loopgpt export: error:") and "does not exist" in err and err.count("\n") == 1
+    assert main(["export", "onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tiny_checkpoint)]) == 2
+    assert "is the checkpoint directory itself" in capsys.readouterr().err
     assert main(["generate", "--backend", "onnx", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "manifest is missing" in capsys.readouterr().err
 
