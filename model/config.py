@@ -104,8 +104,8 @@ PRESETS: dict[str, dict] = {
     "gpt2-45m": dict(_GPT2, n_layer=1, max_loops=1),
     "gpt2-45m-loop": dict(_GPT2, n_layer=1, max_loops=2),
     # CPU-sized presets: `demo` is the shipped checkpoint's shape, `tiny` is for tests.
-    "demo": dict(vocab_size=8192, block_size=512, n_layer=2, n_head=4, n_embd=256, max_loops=6,
-                 gate="vector", tokenizer="bpe", eot_token=8191),
+    "demo": dict(vocab_size=2048, block_size=256, n_layer=2, n_head=6, n_embd=192, max_loops=6,
+                 gate="vector", tokenizer="bpe", eot_token=2047),
     "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32, max_loops=4,
                  gate="vector", tokenizer="bpe", eot_token=511),
 }

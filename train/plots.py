@@ -1,0 +1,47 @@
+"""PNG plots for training: the loss curve of a run and quality against loop count.
+
+    python -c "from loopgpt.train.plots import plot_losses; plot_losses('runs/demo/log.jsonl', 'loss.png')"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(log_path: str | Path, png_path: str | Path) -> None:
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train (sampled loops)", alpha=0.6)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val, max loops")
+        ax.plot([r["step"] for r in val], [r["val_loss_1"] for r in val], "s--", label="val, 1 loop")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality(results: dict[str, dict], png_path: str | Path, title: str = "") -> None:
+    """`results`: {label: {loops: loss}}; one line per label, loss against loops."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_loops in results.items():
+        xs = sorted(int(k) for k in by_loops)
+        ax.plot(xs, [by_loops[str(x)] if str(x) in by_loops else by_loops[x] for x in xs], "o-", label=label)
+    ax.set_xlabel("loops")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
