@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(p, default_checkpoint())
     p.set_defaults(func=cmd_serve)
 
+    from loopgpt.train.commands import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
+
     from loopgpt.loadtest.cli import add_bench_parser, add_loadtest_parser
 
     add_loadtest_parser(sub)
