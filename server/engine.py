@@ -151,10 +151,15 @@ class Engine:
                         self.cond.wait(0.5)
                     if self.stopping:
                         break
-                self._retire_aborted()
-                self._admit()
-                if self.running:
-                    self._decode_step()
+                try:
+                    self._retire_aborted()
+                    self._admit()
+                    if self.running:
+                        self._decode_step()
+                except (RuntimeError, ValueError):  # a model failure (e.g. out of memory): end its requests, go on
+                    log.exception("engine step failed; aborting the requests in the batch")
+                    for req in list(self.running.values()):
+                        self._finish(req, "abort")
                 self._report()
         for req in list(self.running.values()) + list(self.waiting):
             self._finish(req, "abort")
