@@ -62,10 +62,10 @@ def plot(path: str | Path, summary: dict, title: str = "loopgpt load test") -> N
     loops = list(summary["by_loops"])
     rows = list(summary["by_loops"].values())
     fig, (lat, qual) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_s", "e2e")):
-        for q, style in (("p50", "-o"), ("p90", "--")):
+    for i, (key, label) in enumerate((("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_s", "e2e"))):
+        for q, style in (("p50", "-o"), ("p90", "--")):  # one colour per metric, dashed for its p90
             ys = [r[key][q] * 1000 if r[key][q] is not None else float("nan") for r in rows]
-            lat.plot(loops, ys, style, label=f"{label} {q}")
+            lat.plot(loops, ys, style, color=f"C{i}", label=f"{label} {q}")
     lat.set(xlabel="loops", ylabel="ms", title="latency vs loops", xticks=loops)
     lat.legend(fontsize=8)
     for key, label in (("prompt_nll", "prompt NLL"), ("token_nll", "sampled-token NLL")):
