@@ -151,6 +151,8 @@ async def closed_loop(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, bar
             sent += 1  # claimed before the await, so workers never overshoot --requests
             prompt, loops = plan(cfg, rng)
             await _one(cfg, client, t0, prompt, loops, cfg.seed + sent, records, bar)
+            if records[-1].status == 0:
+                await asyncio.sleep(0.1)  # a down server fails at once: do not spin through --duration
 
     await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
     return records

@@ -96,11 +96,13 @@ class Stub:
     def __init__(self, gap: float):
         self.gap = gap
         self.arrivals: list[float] = []
+        self.auth: list[str | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
 
     async def generate(self, request: Request):
         self.arrivals.append(time.perf_counter())
+        self.auth.append(request.headers.get("authorization"))
         loops = int(request.query_params["loops"])
         body = await request.json()
         if loops == BUSY_LOOPS:
@@ -197,6 +199,13 @@ def test_duration_bound_stops_by_itself(stub):
     records, duration = asyncio.run(run_load(cfg))
     assert time.perf_counter() - t0 < 2.0 and duration < 2.0
     assert len(records) > 2 and all(r.start < 0.5 for r in records)
+
+
+def test_api_key_is_sent_as_bearer(stub):
+    url, state = stub
+    asyncio.run(run_load(LoadConfig(url=url, requests=2, max_tokens=2, api_key="sekret", progress=False)))
+    asyncio.run(run_load(LoadConfig(url=url, requests=1, max_tokens=2, progress=False)))
+    assert state.auth == ["Bearer sekret", "Bearer sekret", None]
 
 
 def test_unreachable_server_is_counted_not_raised():
