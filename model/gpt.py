@@ -29,6 +29,7 @@ class CacheStep:
     cache: KVCache
     slot: int
     rows: torch.Tensor  # (B,) cache rows of the batch rows
+    read_rows: torch.Tensor | slice  # the same rows, as a slice when consecutive (reads become views)
     pos: torch.Tensor  # (B, T) absolute positions of the new tokens
     mask: torch.Tensor  # (B, 1, T, L) True where a query may attend to a key
 
@@ -54,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # is_causal would align the mask top-left, wrong with a past: the mask comes from positions.
             step.cache.write(step.slot, step.rows, step.pos, k, v)
-            k, v = step.cache.read(step.slot, step.rows, step.mask.shape[-1])  # (B, H, L, D)
+            k, v = step.cache.read(step.slot, step.read_rows, step.mask.shape[-1])  # (B, H, L, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -169,11 +170,15 @@ class LoopGPT(nn.Module):
             raise ValueError(f"sequence reaches position {int(pos.max())}, beyond the context of {cfg.block_size}")
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        mask = None
+        if kv_cache is not None:
+            length = int(pos.max()) + 1
+            mask = torch.arange(length, device=pos.device)[None, None, None, :] <= pos[:, None, :, None]  # (B,1,T,L)
         for n in range(int(row_loops.max())):
             active = (row_loops > n).nonzero().squeeze(1)
             whole = active.numel() == B
             xa = x if whole else x[active]
-            steps = self._cache_steps(kv_cache, rows, pos, active if not whole else None, n)
+            steps = self._cache_steps(kv_cache, rows, pos, mask, None if whole else active, n)
             s = self.stack(xa, n, steps)
             a = self.gate(n)
             xa = s if a is None else xa + a * (s - xa)
@@ -207,18 +212,17 @@ class LoopGPT(nn.Module):
         if int(pos.max()) >= cache.max_len:
             raise ValueError(f"position {int(pos.max())} is beyond the KV cache length {cache.max_len}")
 
-    def _cache_steps(self, cache, rows, pos, active, n: int) -> list[CacheStep | None] | None:
+    def _cache_steps(self, cache, rows, pos, mask, active, n: int) -> list[CacheStep | None] | None:
         """One CacheStep per slot touched by outer loop n, restricted to the active rows."""
         if cache is None:
             return None
         if active is not None:
-            rows, pos = rows[active], pos[active]
-        length = int(pos.max()) + 1
-        mask = torch.arange(length, device=pos.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
+            rows, pos, mask = rows[active], pos[active], mask[active]
+        read_rows = cache.row_index(rows)
         cfg = self.config
         steps: list[CacheStep | None] = [None] * cfg.kv_slots(cache.loops)
         for i in range(cfg.n_layer):
             for j in range(cfg.inner_loops):
                 s = cfg.slot(n, i, j)
-                steps[s] = CacheStep(cache, s, rows, pos, mask)
+                steps[s] = CacheStep(cache, s, rows, read_rows, pos, mask)
         return steps

@@ -51,11 +51,19 @@ class KVCache:
         self.k[slot][rows[:, None], :, pos] = k.transpose(1, 2)  # index (B, T) + (H, D)
         self.v[slot][rows[:, None], :, pos] = v.transpose(1, 2)
 
-    def read(self, slot: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first `length` positions of `rows`: (B, H, length, D) each."""
-        if rows.numel() == self.batch_size and bool((rows == torch.arange(self.batch_size, device=rows.device)).all()):
-            return self.k[slot, :, :, :length], self.v[slot, :, :, :length]  # a view, no gather
+    def read(self, slot: int, rows: torch.Tensor | slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `length` positions of `rows`: (B, H, length, D) each.
+
+        `rows` may be a slice (see `row_index`): then the result is a view, with no gather copy."""
         return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
+
+    @staticmethod
+    def row_index(rows: torch.Tensor) -> torch.Tensor | slice:
+        """`rows` as a slice when it is a run of consecutive rows (the common case), else unchanged."""
+        first, n = int(rows[0]), rows.numel()
+        if bool((rows == torch.arange(first, first + n, device=rows.device)).all()):
+            return slice(first, first + n)
+        return rows
 
     def usage(self) -> float:
         """Fraction of the cache's token positions in use, for the kv_cache_usage_ratio gauge."""
