@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 
+import torch
 import uvicorn
 from loopgpt.model.checkpoint import load_config
 from sse_starlette.sse import AppStatus
@@ -40,6 +41,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
                    help="seconds running streams may finish after SIGTERM before they are aborted")
     p.add_argument("--no-prompt-nll", dest="prompt_nll", action="store_false",
                    help="skip scoring each prompt's own tokens (the prompt_nll metric)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (default: cores - 1, leaving one for HTTP; oversubscribed "
+                        "OpenMP threads spin and can make decoding many times slower)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -64,6 +68,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.shutdown_grace < 0:
         raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 1 (or 0 for cores - 1), got {args.threads}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.backend == "onnx" and importlib.util.find_spec("loopgpt.export.runtime") is None:
@@ -76,6 +82,8 @@ def check_args(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    log.info("model threads: %d", torch.get_num_threads())
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                             api_key=args.api_key or None, prompt_nll=args.prompt_nll)
     app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device), options)
