@@ -121,3 +121,16 @@ def test_eval_is_deterministic_and_matches_direct_computation(data_dir, tmp_path
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["loops"]["2"]["loss"] == pytest.approx(direct / count, rel=1e-5)
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prepare", "--out", "x"], "give either --input FILE... or --hf-dataset NAME"),
+    (["prepare", "--out", "x", "--input", "/no/such.txt"], "/no/such.txt: input file does not exist"),
+    (["prepare", "--out", "x", "--input", __file__, "--tokenizer", "train:big"], "needs an integer vocabulary"),
+    (["train", "--data", "/no/such", "--out", "x"], "meta.json: missing; make the data directory"),
+    (["eval", "--checkpoint", "/no/such", "--data", __file__], "checkpoint directory does not exist"),
+])
+def test_train_commands_fail_with_one_sentence(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loopgpt.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

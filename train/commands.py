@@ -17,7 +17,11 @@ MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("prepare", help="text files -> token shards (+ trained tokenizer)")
-    p.add_argument("--input", nargs="+", required=True, help="training text file(s)")
+    p.add_argument("--input", nargs="+", default=[], help="training text file(s)")
+    p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset name instead of --input (online)")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-field", default="text", help="the dataset's text field")
+    p.add_argument("--hf-limit", type=int, default=0, help="read at most N documents (0: all)")
     p.add_argument("--val-input", nargs="+", default=None, help="validation text file(s); default: a split")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--out", required=True)
@@ -56,9 +60,13 @@ def add_parsers(sub) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from .prepare import prepare, read_hf_dataset
 
-    meta = prepare(args.input, args.out, args.tokenizer, args.split, args.val_input, args.val_fraction)
+    if bool(args.input) == bool(args.hf_dataset):
+        raise ValueError("give either --input FILE... or --hf-dataset NAME")
+    docs = read_hf_dataset(args.hf_dataset, args.hf_split, args.hf_field, args.hf_limit) if args.hf_dataset else None
+    inputs = args.input or [f"hf:{args.hf_dataset}:{args.hf_split}"]
+    meta = prepare(inputs, args.out, args.tokenizer, args.split, args.val_input, args.val_fraction, docs)
     print(json.dumps(meta, indent=2))
     return 0
 

@@ -49,6 +49,24 @@ def read_documents(paths: Iterable[str | Path], rule: str) -> list[str]:
     return docs
 
 
+def read_hf_dataset(name: str, split: str = "train", field: str = "text", limit: int = 0) -> list[str]:
+    """Documents from a Hugging Face dataset (online; needs the `datasets` package)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"--hf-dataset {name} needs the datasets package: pip install datasets") from e
+    ds = datasets.load_dataset(name, split=split, streaming=True)
+    docs = []
+    for row in tqdm(ds, desc=f"reading {name}:{split}", unit="doc", leave=False):
+        if field not in row:
+            raise ValueError(f"dataset {name} has no field {field!r}; choose one of {', '.join(row)} with --hf-field")
+        if row[field].strip():
+            docs.append(row[field])
+        if limit and len(docs) >= limit:
+            break
+    return docs
+
+
 def make_tokenizer(spec: str, train_docs: list[str]) -> Tokenizer:
     """`gpt2` (any tiktoken name) or `train:VOCAB` for a byte-level BPE trained on the training documents."""
     if spec.startswith("train:"):
@@ -75,9 +93,10 @@ def write_shard(tokens: np.ndarray, path: Path) -> None:
 
 
 def prepare(inputs: list[str], out: str | Path, tokenizer_spec: str = "gpt2", split: str = "eot",
-            val_inputs: list[str] | None = None, val_fraction: float = 0.05) -> dict:
-    """Tokenize the corpus; validation is `val_inputs`, or the last `val_fraction` of the documents."""
-    docs = read_documents(inputs, split)
+            val_inputs: list[str] | None = None, val_fraction: float = 0.05, docs: list[str] | None = None) -> dict:
+    """Tokenize the corpus; validation is `val_inputs`, or the last `val_fraction` of the documents.
+    `docs` (e.g. from `read_hf_dataset`) replaces reading `inputs`."""
+    docs = docs if docs is not None else read_documents(inputs, split)
     if val_inputs:
         train_docs, val_docs = docs, read_documents(val_inputs, split)
     else:
