@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LOOP_SAMPLINGS = ("fixed", "uniform", "poisson-lognormal")
+LOOP_SAMPLINGS = ("fixed", "uniform", "poisson-lognormal", "max-heavy")
 
 
 class Shards:
@@ -50,6 +50,8 @@ def sample_loops(kind: str, max_loops: int, generator: torch.Generator, mean: fl
 
     fixed: always max_loops (the papers). uniform: 1..max_loops. poisson-lognormal (Huginn):
     n = 1 + Poisson(exp(tau)), tau ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), clipped to cap.
+    max-heavy: max_loops 70% of the time, else uniform over 1..max_loops - 1: the trained depth gets
+    most of the updates, the shallower exits stay usable.
     """
     if kind == "fixed":
         return max_loops
@@ -60,4 +62,9 @@ def sample_loops(kind: str, max_loops: int, generator: torch.Generator, mean: fl
         tau = torch.normal(math.log(max(mean - 1, 1e-3)) - sigma**2 / 2, sigma, (1,), generator=generator)
         n = 1 + int(torch.poisson(tau.exp(), generator=generator))
         return min(n, cap or max_loops)
+    if kind == "max-heavy":
+        u = float(torch.rand((), generator=generator))
+        if u < 0.7 or max_loops == 1:
+            return max_loops
+        return int(torch.randint(1, max_loops, (1,), generator=generator))
     raise ValueError(f"--loops-sampling must be one of {', '.join(LOOP_SAMPLINGS)}, got {kind!r}")
