@@ -115,29 +115,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
     p.set_defaults(func=cmd_info)
 
+    optional(sub, "server", ["serve"], add_serve)
+    optional(sub, "train", ["prepare", "train", "eval"], lambda s: __import__(
+        "loopgpt.train.commands", fromlist=["add_parsers"]).add_parsers(s))
+    optional(sub, "loadtest", ["loadtest", "bench"], add_loadtest)
+    optional(sub, "export", ["export"], lambda s: __import__(
+        "loopgpt.export.command", fromlist=["add_export_parser"]).add_export_parser(s, default_checkpoint()))
+    return parser
+
+
+def add_serve(sub) -> None:
     from loopgpt.server.serve import add_serve_args, cmd_serve
 
     p = sub.add_parser("serve", help="HTTP server: streaming, OpenAI-compatible, per-request loops")
     add_serve_args(p, default_checkpoint())
     p.set_defaults(func=cmd_serve)
 
-    from loopgpt.train.commands import add_parsers as add_train_parsers
 
-    add_train_parsers(sub)
-
+def add_loadtest(sub) -> None:
     from loopgpt.loadtest.cli import add_bench_parser, add_loadtest_parser
 
     add_loadtest_parser(sub)
     add_bench_parser(sub, default_checkpoint())
 
-    from loopgpt.export.command import add_export_parser
 
-    add_export_parser(sub, default_checkpoint())
-    return parser
+MISSING: dict[str, str] = {}  # subcommand -> why it cannot run here (an extra is not installed)
+
+
+def optional(sub, extra: str, commands: list[str], register) -> None:
+    """Register subcommands whose dependencies come with an extra; without it, say which extra to install."""
+    try:
+        register(sub)
+    except ImportError as e:
+        for name in commands:
+            sub.add_parser(name, help=f"(needs: pip install 'loopgpt[{extra}]')")
+            MISSING[name] = (f"this command needs the '{extra}' extra ({e.name or e} is not installed): "
+                             f"pip install 'loopgpt[{extra}]'")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in MISSING:
+        print(f"loopgpt {argv[0]}: error: {MISSING[argv[0]]}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError, ConfigError, bad flag values

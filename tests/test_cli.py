@@ -41,3 +41,16 @@ def test_errors_are_one_sentence_and_non_zero(tiny_checkpoint, tmp_path):
     proc = loopgpt("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "hi", "--max-tokens", "5000",
                    check=False)
     assert proc.returncode == 2 and "exceeds the context" in proc.stderr
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra():
+    """`pip install loopgpt` without extras: `serve` says which extra to install instead of a traceback."""
+    code = ("import sys; sys.modules['uvicorn'] = None; sys.modules['tqdm'] = None; "
+            "from loopgpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    for args, extra in ((["serve", "--port", "1"], "server"), (["train", "--data", "x"], "train")):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"pip install 'loopgpt[{extra}]'" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, "info", "--checkpoint", "/no/such"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "checkpoint directory does not exist" in proc.stderr

@@ -16,6 +16,8 @@ MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, 
 
 
 def add_parsers(sub) -> None:
+    from .trainer import TrainConfig  # first: without the train extra this fails before any parser exists
+
     p = sub.add_parser("prepare", help="text files -> token shards (+ trained tokenizer)")
     p.add_argument("--input", nargs="+", default=[], help="training text file(s)")
     p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset name instead of --input (online)")
@@ -29,8 +31,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="eot", choices=["eot", "blank", "none"],
                    help="document boundaries: <|endoftext|> markers, blank lines, or none")
     p.set_defaults(func=cmd_prepare)
-
-    from .trainer import TrainConfig
 
     p = sub.add_parser("train", help="train a checkpoint (works under torchrun)")
     for f in dataclasses.fields(TrainConfig):
