@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import torch
 import uvicorn
 from conftest import tiny_model
 from loopgpt.model import save_checkpoint
@@ -56,6 +57,8 @@ def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
 def make_long_checkpoint(directory: Path, bpe) -> Path:
     """The tiny model with a 1024-token context: a 900-token request runs for seconds on CPU."""
     model = tiny_model(vocab_size=bpe.n_vocab, eot_token=bpe.eot_token, block_size=1024)
+    with torch.no_grad():  # EOS logit exactly 0: a greedy request never stops early, it runs to the drain
+        model.transformer.wte.weight[bpe.eot_token].zero_()
     save_checkpoint(model, directory, bpe)
     return directory
 

@@ -197,7 +197,7 @@ def test_disconnect_frees_the_row_and_queue_full_is_429(tmp_path_factory, bpe):
     """One row, one queue slot: a long request runs, a second waits, a third gets 429; leaving frees all."""
     ckpt = make_long_checkpoint(tmp_path_factory.mktemp("long-ckpt"), bpe)
     with running_server(ckpt, max_batch=1, max_queue=1) as (url, _):
-        body = {"prompt": "Once upon a time", "max_tokens": 900, "stream": True, "loops": 16}
+        body = {"prompt": "Once upon a time", "max_tokens": 900, "stream": True, "loops": 16, "temperature": 0}
         with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
             with c1.stream("POST", f"{url}/generate", json=body) as running:
                 lines = sse_events(running.iter_lines())

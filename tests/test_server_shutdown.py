@@ -53,7 +53,7 @@ def refused(url: str, body: dict) -> bool:
 
 def test_sigterm_drains_then_aborts_and_exits_0(serve_process):
     proc, url = serve_process
-    body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True}
+    body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
         events = sse_events(r.iter_lines())
         before = [next(events), next(events)]
