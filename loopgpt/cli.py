@@ -129,7 +129,15 @@ def add_serve(sub) -> None:
 
     p = sub.add_parser("serve", help="HTTP server: streaming, OpenAI-compatible, per-request loops")
     add_serve_args(p, default_checkpoint())
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, onnx_loader=load_onnx if importlib.util.find_spec("onnxruntime") else None)
+
+
+def load_onnx(export_dir):
+    """The ONNX runner for `serve --backend onnx`, handed to the server from here (server/ does not import
+    export/); imported only when used, so other commands do not pay for onnxruntime."""
+    from loopgpt.export.runtime import load_onnx as load
+
+    return load(export_dir)
 
 
 def add_loadtest(sub) -> None:

@@ -10,6 +10,7 @@ signature (the ONNX runner of `loopgpt.export`) can stand in for a `LoopGPT`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,19 +45,21 @@ def pick_device(name: str) -> str:
     return name
 
 
-def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto") -> Loaded:
-    """Load a checkpoint (torch) or an export directory (onnx) for serving."""
+def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto",
+                 onnx_loader: Callable | None = None) -> Loaded:
+    """Load a checkpoint (torch) or an export directory (onnx) for serving.
+
+    `onnx_loader` is `loopgpt.export.runtime.load_onnx`, handed in by the CLI: server/ does not import
+    export/ (parts meet only through model/)."""
     name = Path(checkpoint).resolve().name
     if backend == "torch":
         dev = pick_device(device)
         model, tokenizer, evals = load_checkpoint(checkpoint, device=dev)
         return Loaded(model, tokenizer, evals, name, dev)
     if backend == "onnx":
-        try:
-            from loopgpt.export.runtime import load_onnx
-        except ImportError as e:
-            raise BackendError(f"--backend onnx is not available yet ({e}); use --backend torch") from e
-        runner, tokenizer, evals = load_onnx(checkpoint)
+        if onnx_loader is None:
+            raise BackendError("--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'")
+        runner, tokenizer, evals = onnx_loader(checkpoint)
         return Loaded(runner, tokenizer, evals, name, "cpu")
     raise BackendError(f"--backend must be torch or onnx, got {backend!r}")
 

@@ -9,7 +9,6 @@ seconds to finish, the rest end with finish_reason "abort", and the process exit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
@@ -72,8 +71,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1 (or 0 for cores - 1), got {args.threads}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.backend == "onnx" and importlib.util.find_spec("loopgpt.export.runtime") is None:
-        raise BackendError("--backend onnx is not available (loopgpt.export.runtime is missing); use --backend torch")
+    if args.backend == "onnx" and args.onnx_loader is None:
+        raise BackendError("--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'")
     if args.backend == "torch":
         pick_device(args.device)
         load_config(args.checkpoint)  # a bad directory fails now, in one sentence, before binding
@@ -86,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("model threads: %d", torch.get_num_threads())
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                             api_key=args.api_key or None, prompt_nll=args.prompt_nll)
-    app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device), options)
+    app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device, args.onnx_loader), options)
     state = app.state.loopgpt
     # Our engine decides when streams end on shutdown; sse-starlette would otherwise cut them at once.
     AppStatus.disable_automatic_graceful_drain()

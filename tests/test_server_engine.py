@@ -148,7 +148,9 @@ def test_onnx_runner_plugs_into_the_engine(tiny_checkpoint, tmp_path, engine_par
     from loopgpt.server.runner import load_backend
 
     export.export_onnx(tiny_checkpoint, tmp_path / "onnx", verify=False)
-    loaded = load_backend(tmp_path / "onnx", "onnx")
+    from loopgpt.export.runtime import load_onnx
+
+    loaded = load_backend(tmp_path / "onnx", "onnx", onnx_loader=load_onnx)
     model, tokenizer = engine_parts
     engine = Engine(ModelRunner(loaded.model, max_batch=3, device=loaded.device), loaded.tokenizer)
     engine.start()
