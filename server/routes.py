@@ -95,6 +95,17 @@ def summary(ev: FinishEvent, loops: int) -> dict:
     }
 
 
+async def collect(state, req, queue, http: HTTPRequest) -> tuple[str, FinishEvent]:
+    """A non-streaming response's whole text and its final event."""
+    text, final = [], None
+    async for ev in events(state, req, queue, http):
+        text.append(ev.text)
+        final = ev if isinstance(ev, FinishEvent) else None
+    if final is None:  # the client left; nobody reads this
+        raise APIError(499, "client disconnected")
+    return "".join(text), final
+
+
 @router.post("/generate")
 async def generate(http: HTTPRequest):
     state, req, queue, body = await submit(http, "generate", GenerateBody)
@@ -107,13 +118,8 @@ async def generate(http: HTTPRequest):
                     yield {"data": state.dumps({"text": ev.text, **summary(ev, req.loops)})}
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
-    text, final = [], None
-    async for ev in events(state, req, queue, http):
-        text.append(ev.text)
-        final = ev if isinstance(ev, FinishEvent) else None
-    if final is None:  # the client left; nobody reads this
-        raise APIError(499, "client disconnected")
-    return JSONResponse({"text": "".join(text), "model": state.name, **summary(final, req.loops)})
+    text, final = await collect(state, req, queue, http)
+    return JSONResponse({"text": text, "model": state.name, **summary(final, req.loops)})
 
 
 @router.post("/v1/completions")
@@ -136,13 +142,8 @@ async def completions(http: HTTPRequest):
                     yield {"data": state.dumps({**head, "choices": [], "usage": summary(ev, req.loops)["usage"]})}
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
-    text, final = [], None
-    async for ev in events(state, req, queue, http):
-        text.append(ev.text)
-        final = ev if isinstance(ev, FinishEvent) else None
-    if final is None:
-        raise APIError(499, "client disconnected")
+    text, final = await collect(state, req, queue, http)
     s = summary(final, req.loops)
-    choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": final.finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": final.finish_reason}
     return JSONResponse({**head, "choices": [choice], "usage": s["usage"], "loops": req.loops,
                          "timing": s["timing"], "quality": s["quality"]})
