@@ -20,16 +20,6 @@ def default_checkpoint() -> str:
     return str(DEMO if DEMO.is_dir() else Path("checkpoints/demo"))
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    return name
-
-
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
@@ -40,14 +30,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loopgpt.model import SamplingParams, generate_text, load_checkpoint
+    from loopgpt.model import SamplingParams, generate_text, load_checkpoint, resolve_device
 
     if args.backend == "onnx":
         from loopgpt.export import load_onnx
 
         model, tokenizer, _ = load_onnx(args.checkpoint)
     else:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     loops = args.loops or model.config.max_loops
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sys.stdout.write(args.prompt)

@@ -3,7 +3,7 @@
     python -c "from loopgpt.model import LoopGPT, preset; print(LoopGPT(preset('gpt2-81m-loop')).num_params())"
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, resolve_device, save_checkpoint
 from .config import PRESETS, ConfigError, LoopGPTConfig, preset
 from .generate import Completion, TextStream, check_request, generate_text, generate_tokens
 from .gpt import LoopGPT
@@ -14,6 +14,6 @@ from .tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 __all__ = [
     "PRESETS", "CheckpointError", "Completion", "ConfigError", "KVCache", "LoopGPT", "LoopGPTConfig",
     "SamplingParams", "TextStream", "Tokenizer", "TokenizerError", "check_request", "generate_text",
-    "generate_tokens", "load_checkpoint", "load_tokenizer", "make_generator", "preset", "sample_row",
+    "generate_tokens", "load_checkpoint", "load_tokenizer", "make_generator", "preset", "resolve_device", "sample_row",
     "save_checkpoint", "token_stats", "train_bpe",
 ]

@@ -66,6 +66,17 @@ def load_config(directory: str | Path) -> LoopGPTConfig:
         raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
 
 
+def resolve_device(name: str) -> str:
+    """`auto` → cuda when torch sees one, else cpu; `cpu`/`cuda` as asked, if usable (ValueError otherwise)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
 def load_checkpoint(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[LoopGPT, Tokenizer, dict | None]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from loopgpt.model import KVCache, Tokenizer, load_checkpoint, make_generator
+from loopgpt.model import KVCache, Tokenizer, load_checkpoint, make_generator, resolve_device
 
 
 class BackendError(ValueError):
@@ -35,16 +35,6 @@ class Loaded:
     device: str
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BackendError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise BackendError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
-
-
 def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto",
                  onnx_loader: Callable | None = None) -> Loaded:
     """Load a checkpoint (torch) or an export directory (onnx) for serving.
@@ -53,7 +43,7 @@ def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "
     export/ (parts meet only through model/)."""
     name = Path(checkpoint).resolve().name
     if backend == "torch":
-        dev = pick_device(device)
+        dev = resolve_device(device)
         model, tokenizer, evals = load_checkpoint(checkpoint, device=dev)
         return Loaded(model, tokenizer, evals, name, dev)
     if backend == "onnx":

@@ -15,11 +15,12 @@ import signal
 
 import torch
 import uvicorn
+from loopgpt.model import resolve_device
 from loopgpt.model.checkpoint import load_config
 from sse_starlette.sse import AppStatus
 
 from .app import ServerOptions, create_app
-from .runner import BackendError, load_backend, pick_device
+from .runner import BackendError, load_backend
 
 log = logging.getLogger("loopgpt.server")
 
@@ -74,7 +75,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.backend == "onnx" and args.onnx_loader is None:
         raise BackendError("--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'")
     if args.backend == "torch":
-        pick_device(args.device)
+        resolve_device(args.device)
         load_config(args.checkpoint)  # a bad directory fails now, in one sentence, before binding
 
 

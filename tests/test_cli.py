@@ -8,6 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def loopgpt(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "loopgpt.cli", *args], capture_output=True, text=True, timeout=120)
@@ -54,3 +57,13 @@ def test_a_command_whose_extra_is_missing_names_the_extra():
     proc = subprocess.run([sys.executable, "-c", code, "info", "--checkpoint", "/no/such"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "checkpoint directory does not exist" in proc.stderr
+
+
+def test_device_cuda_without_cuda_is_one_sentence(tiny_checkpoint):
+    """One device rule (`loopgpt.model.resolve_device`) for generate and serve: exit 2, no traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for args in (("generate", "--prompt", "hi", "--max-tokens", "2"), ("serve", "--port", "1")):
+        proc = loopgpt(args[0], "--checkpoint", str(tiny_checkpoint), "--device", "cuda", *args[1:], check=False)
+        assert proc.returncode == 2 and "torch sees no CUDA device; use --device cpu" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

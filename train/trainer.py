@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from loopgpt.model import LoopGPT, preset, save_checkpoint
+from loopgpt.model import LoopGPT, preset, resolve_device, save_checkpoint
 from loopgpt.model.tokenizer import load_tokenizer
 from tqdm import tqdm
 
@@ -101,7 +101,7 @@ class Run:
 
 def setup(cfg: TrainConfig, shards: Shards) -> Run:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if device == "cuda":
