@@ -39,6 +39,7 @@ class ServerOptions:
     max_body: int = 1 << 20  # bytes
     api_key: str | None = None
     prompt_nll: bool = True
+    prefill_chunk: int = 128  # prompt tokens prefilled per engine turn (chunked prefill)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class ServerState:
                 self.on_fatal(str(e))
             return
         self.metrics = ServerMetrics(loaded.model.config.loop_cap, loaded.evals)
-        engine = Engine(runner, loaded.tokenizer, self.options.max_queue, self.metrics, self.options.prompt_nll)
+        engine = Engine(runner, loaded.tokenizer, self.options.max_queue, self.metrics, self.options.prompt_nll,
+                        self.options.prefill_chunk)
         engine.start()
         self.loaded, self.engine = loaded, engine
         log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,

@@ -1,9 +1,11 @@
 """Engine: one thread that owns the model runner and steps a continuous, depth-wise batch.
 
-Each turn of its loop: admit waiting requests into free KV-cache rows (prefill, one at a time), then
-run ONE decode forward for every running row with a per-row `loops` tensor (loop n runs only on
-rows whose count exceeds n, so a mixed batch is never padded to its deepest request), then sample,
-stream and retire. HTTP handlers never touch the model: they `submit` a Request whose `emit`
+Each turn of its loop: admit waiting requests into free KV-cache rows, prefill at most `prefill_chunk`
+prompt tokens (chunked prefill: a long prompt is spread over several turns, so the rows already
+decoding keep getting a token every turn instead of waiting for the whole prompt), then run ONE
+decode forward for every decoding row with a per-row `loops` tensor (loop n runs only on rows whose
+count exceeds n, so a mixed batch is never padded to its deepest request), then sample, stream and
+retire. HTTP handlers never touch the model: they `submit` a Request whose `emit`
 callback hands events to the handler's own asyncio queue.
 
     python -m pytest tests/test_server_engine.py -q
@@ -77,6 +79,8 @@ class Request:
     row: int = -1
     generator: torch.Generator | None = None
     stream: TextStream | None = None
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    prompt_nll_sum: float = 0.0
     pending: int = -1  # sampled token not yet fed to the model
     n_tokens: int = 0
     nll_sum: float = 0.0
@@ -88,12 +92,16 @@ class Request:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 64,
-                 metrics: Any = None, prompt_nll: bool = True):
+                 metrics: Any = None, prompt_nll: bool = True, prefill_chunk: int = 128):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.metrics = metrics  # a ServerMetrics or None
         self.prompt_nll = prompt_nll
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per engine turn, over all requests
+        self.prefilling: list[Request] = []  # admitted (row held), prompt not yet all in the cache; FIFO
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # cache row -> request
         self.free_rows = list(range(runner.max_batch))
@@ -154,7 +162,8 @@ class Engine:
                 try:
                     self._retire_aborted()
                     self._admit()
-                    if self.running:
+                    self._prefill_some()
+                    if len(self.running) > len(self.prefilling):
                         self._decode_step()
                 except (RuntimeError, ValueError):  # a model failure (e.g. out of memory): end its requests, go on
                     log.exception("engine step failed; aborting the requests in the batch")
@@ -181,20 +190,37 @@ class Engine:
                 req = self.waiting.popleft()
             req.row = self.free_rows.pop()
             self.running[req.row] = req
-            self._prefill(req)
+            self.prefilling.append(req)
+            if self.metrics:
+                self.metrics.queued(req, time.perf_counter() - req.arrival)
+            req.generator = self.runner.generator(req.seed)
+            req.stream = TextStream(self.tokenizer, req.stop)
 
-    def _prefill(self, req: Request) -> None:
-        if self.metrics:
-            self.metrics.queued(req, time.perf_counter() - req.arrival)
-        req.generator = self.runner.generator(req.seed)
-        req.stream = TextStream(self.tokenizer, req.stop)
-        logits, req.prompt_nll = self.runner.prefill(req.row, req.prompt_ids, req.loops, self.prompt_nll)
-        if self.metrics and req.prompt_nll is not None:
-            self.metrics.prompt_scored(req, req.prompt_nll)
-        self._sample_and_deliver([req], logits[None])
+    def _prefill_some(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens, oldest request first; a finished prompt samples its
+        first token (and joins this turn's decode step)."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            req = self.prefilling[0]
+            start = req.prefilled
+            end = min(len(req.prompt_ids), start + budget)
+            last = end == len(req.prompt_ids)
+            logits, nll_sum = self.runner.prefill_chunk(
+                req.row, req.prompt_ids[start:end], start, req.loops, None if last else req.prompt_ids[end],
+                self.prompt_nll)
+            req.prefilled, req.prompt_nll_sum = end, req.prompt_nll_sum + nll_sum
+            budget -= end - start
+            if not last:
+                continue
+            self.prefilling.pop(0)
+            if self.prompt_nll and len(req.prompt_ids) > 1:
+                req.prompt_nll = req.prompt_nll_sum / (len(req.prompt_ids) - 1)
+                if self.metrics:
+                    self.metrics.prompt_scored(req, req.prompt_nll)
+            self._sample_and_deliver([req], logits[None])
 
     def _decode_step(self) -> None:
-        batch = sorted(self.running.values(), key=lambda r: r.row)
+        batch = sorted((r for r in self.running.values() if r.prefilled == len(r.prompt_ids)), key=lambda r: r.row)
         logits = self.runner.decode([r.row for r in batch], [r.pending for r in batch], [r.loops for r in batch])
         self.steps += 1
         if self.metrics:
@@ -236,6 +262,7 @@ class Engine:
         req.done = True
         if req.row >= 0:
             self.running.pop(req.row, None)
+            self.prefilling = [r for r in self.prefilling if r is not req]
             self.runner.free(req.row)
             self.free_rows.append(req.row)
         tail = req.stream.finish() if req.stream is not None and reason != "abort" and not req.stream.stopped else ""

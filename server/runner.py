@@ -77,15 +77,29 @@ class ModelRunner:
         return make_generator(seed, self.device)
 
     def prefill(self, row: int, prompt: list[int], loops: int, prompt_nll: bool) -> tuple[torch.Tensor, float | None]:
-        """Fill cache row `row` with the prompt; (logits of the last position (V,), mean prompt NLL or None)."""
-        self.cache.reset([row])
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
+        """Fill cache row `row` with the whole prompt; (logits of the last position (V,), mean prompt NLL or None)."""
+        logits, nll_sum = self.prefill_chunk(row, prompt, 0, loops, None, prompt_nll)
+        return logits, (nll_sum / (len(prompt) - 1) if prompt_nll and len(prompt) > 1 else None)
+
+    def prefill_chunk(self, row: int, chunk: list[int], start: int, loops: int, next_token: int | None,
+                      prompt_nll: bool) -> tuple[torch.Tensor, float]:
+        """Append `chunk` (prompt positions start .. start+len-1) to cache row `row`, resetting the row at start 0.
+
+        Returns the logits of the chunk's last position (V,) and, with `prompt_nll`, the summed teacher-forced
+        NLL of the prompt tokens this chunk predicts: its own tokens after the first, and `next_token` (the
+        first token of the next chunk) if any — so the chunks of one prompt score each prompt token once."""
+        if start == 0:
+            self.cache.reset([row])
+        idx = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
         rows = torch.tensor([row], dtype=torch.long, device=self.device)
         logits, _ = self.model(idx, loops, kv_cache=self.cache, rows=rows)  # (1, T, V)
-        nll = None
-        if prompt_nll and len(prompt) > 1:
-            # Teacher-forced CE of the prompt's own tokens: real text scored at the request's depth, for free.
-            nll = float(F.cross_entropy(logits[0, :-1].float(), idx[0, 1:]))
+        nll = 0.0
+        if prompt_nll:
+            # Real text scored at the request's depth, for free: the prefill computed these logits anyway.
+            targets = chunk[1:] + ([] if next_token is None else [next_token])
+            if targets:
+                target_t = torch.tensor(targets, dtype=torch.long, device=self.device)
+                nll = float(F.cross_entropy(logits[0, :len(targets)].float(), target_t, reduction="sum"))
         return logits[0, -1], nll
 
     def decode(self, rows: list[int], tokens: list[int], loops: list[int]) -> torch.Tensor:

@@ -39,6 +39,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (413 above)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running streams may finish after SIGTERM before they are aborted")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens prefilled per engine step (chunked prefill): smaller keeps running streams "
+                        "smooth while long prompts arrive, larger prefills faster (default 128)")
     p.add_argument("--no-prompt-nll", dest="prompt_nll", action="store_false",
                    help="skip scoring each prompt's own tokens (the prompt_nll metric)")
     p.add_argument("--threads", type=int, default=0,
@@ -63,7 +66,7 @@ class DrainingServer(uvicorn.Server):
 
 def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-body", args.max_body)):
+                        ("--max-body", args.max_body), ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.shutdown_grace < 0:
@@ -85,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     log.info("model threads: %d", torch.get_num_threads())
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
-                            api_key=args.api_key or None, prompt_nll=args.prompt_nll)
+                            api_key=args.api_key or None, prompt_nll=args.prompt_nll,
+                            prefill_chunk=args.prefill_chunk)
     app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device, args.onnx_loader), options)
     state = app.state.loopgpt
     # Our engine decides when streams end on shutdown; sse-starlette would otherwise cut them at once.

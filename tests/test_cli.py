@@ -67,3 +67,11 @@ def test_device_cuda_without_cuda_is_one_sentence(tiny_checkpoint):
         proc = loopgpt(args[0], "--checkpoint", str(tiny_checkpoint), "--device", "cuda", *args[1:], check=False)
         assert proc.returncode == 2 and "torch sees no CUDA device; use --device cpu" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_serve_bad_flags_exit_before_binding(tiny_checkpoint):
+    for flags, message in ((("--prefill-chunk", "0"), "--prefill-chunk must be >= 1, got 0"),
+                           (("--max-batch", "0"), "--max-batch must be >= 1, got 0"),
+                           (("--port", "70000"), "--port must be in 0..65535")):
+        proc = loopgpt("serve", "--checkpoint", str(tiny_checkpoint), *flags, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

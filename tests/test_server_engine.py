@@ -89,6 +89,56 @@ def test_mixed_loops_requests_equal_their_solo_greedy_output(engine_parts):
         engine.stop()
 
 
+class CallLog(ModelRunner):
+    """A real runner that records which forwards the engine asked for, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple] = []
+
+    def prefill_chunk(self, row, chunk, start, loops, next_token, prompt_nll):
+        self.calls.append(("prefill", row, start, len(chunk)))
+        return super().prefill_chunk(row, chunk, start, loops, next_token, prompt_nll)
+
+    def decode(self, rows, tokens, loops):
+        self.calls.append(("decode", tuple(rows)))
+        return super().decode(rows, tokens, loops)
+
+
+def test_chunked_prefill_interleaves_with_decoding_and_changes_nothing(engine_parts):
+    """A long prompt enters the cache `prefill_chunk` tokens per engine turn while a running row keeps getting a
+    token each turn; its tokens and prompt NLL equal the whole-prompt prefill."""
+    model, tokenizer = engine_parts
+    runner = CallLog(model, max_batch=2)
+    engine = Engine(runner, tokenizer, prefill_chunk=8)
+    long_ids = tokenizer.encode("Once upon a time, there was a little girl named Lily. She liked to play in the "
+                                "park with her big red ball and her small brown dog, every day after school.")
+    assert len(long_ids) > 3 * 8
+    short, long = Collector(), Collector()
+    long_req = Request(long_ids, 5, 6, GREEDY, emit=long, eos_token=-1)
+    engine.start()
+    try:
+        with engine.cond:  # both admitted in the same turn: the short one (first) is prefilled and decoding
+            engine.submit(Request(tokenizer.encode("Hi"), 3, 40, GREEDY, emit=short, eos_token=-1))
+            engine.submit(long_req)
+        ev = long.finish()
+        short.finish()
+    finally:
+        engine.stop()
+    assert long.tokens() == list(generate_tokens(model, long_ids, 5, 6, GREEDY))
+    assert short.tokens() == list(generate_tokens(model, tokenizer.encode("Hi"), 3, 40, GREEDY))
+    with torch.inference_mode():
+        whole_nll = ModelRunner(model, max_batch=1).prefill(0, long_ids, 5, prompt_nll=True)[1]
+    assert ev.prompt_nll == pytest.approx(whole_nll, rel=1e-5)
+    chunks = [i for i, c in enumerate(runner.calls) if c[0] == "prefill" and c[1] == long_req.row]
+    spans = [runner.calls[i][2:] for i in chunks]  # (start, length); the short prompt shares the first turn's 8
+    assert spans[0][0] == 0 and all(n <= 8 for _, n in spans) and len(spans) >= 4
+    assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+    assert spans[-1][0] + spans[-1][1] == len(long_ids)
+    for i in chunks[:-1]:  # after every chunk but the last, the short request's row took its decode step
+        assert runner.calls[i + 1][0] == "decode" and long_req.row not in runner.calls[i + 1][1]
+
+
 def test_stop_string_and_abort(engine_parts):
     model, tokenizer = engine_parts
     engine = Engine(ModelRunner(model, max_batch=2), tokenizer)
@@ -152,7 +202,8 @@ def test_onnx_runner_plugs_into_the_engine(tiny_checkpoint, tmp_path, engine_par
 
     loaded = load_backend(tmp_path / "onnx", "onnx", onnx_loader=load_onnx)
     model, tokenizer = engine_parts
-    engine = Engine(ModelRunner(loaded.model, max_batch=3, device=loaded.device), loaded.tokenizer)
+    # prefill_chunk=3: prompts enter the ONNX runner's cache in chunks that attend to a past, too
+    engine = Engine(ModelRunner(loaded.model, max_batch=3, device=loaded.device), loaded.tokenizer, prefill_chunk=3)
     engine.start()
     try:
         specs = [("Once upon a time", 1), ("She loved", 7), ("The end", 16)]
