@@ -67,14 +67,18 @@ def load_config(directory: str | Path) -> LoopGPTConfig:
 
 
 def resolve_device(name: str) -> str:
-    """`auto` → cuda when torch sees one, else cpu; `cpu`/`cuda` as asked, if usable (ValueError otherwise)."""
+    """`auto` → cuda when torch sees one, else cpu; `cpu`, `cuda` or `cuda:N` as asked, if usable (ValueError
+    otherwise)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
+    kind, _, index = name.partition(":")
+    if name in ("cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def load_checkpoint(

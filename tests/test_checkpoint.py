@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from loopgpt.model import CheckpointError, load_checkpoint, save_checkpoint
+from loopgpt.model import CheckpointError, load_checkpoint, resolve_device, save_checkpoint
 from safetensors.torch import load_file, save_file
 
 
@@ -89,3 +89,15 @@ def test_half_precision_storage_loads_as_float32(tiny_checkpoint, tmp_path):
     assert again.lm_head.weight.dtype == torch.float32
     diff = (again.lm_head.weight - model.lm_head.weight).abs().max().item()
     assert 0 < diff < 1e-2
+
+
+def test_resolve_device_names_what_is_usable():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "cuda:x", "cuda:", "cpu:0"):
+        with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match=f"--device {name} was asked for but torch sees no CUDA device"):
+                resolve_device(name)
