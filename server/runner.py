@@ -24,6 +24,9 @@ class BackendError(ValueError):
     """A backend or device that cannot be used; the message says what to do instead."""
 
 
+ONNX_MISSING = "--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'"
+
+
 @dataclass
 class Loaded:
     """What `loopgpt serve` needs from a checkpoint, whatever the backend."""
@@ -48,7 +51,7 @@ def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "
         return Loaded(model, tokenizer, evals, name, dev)
     if backend == "onnx":
         if onnx_loader is None:
-            raise BackendError("--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'")
+            raise BackendError(ONNX_MISSING)
         runner, tokenizer, evals = onnx_loader(checkpoint)
         return Loaded(runner, tokenizer, evals, name, "cpu")
     raise BackendError(f"--backend must be torch or onnx, got {backend!r}")

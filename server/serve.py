@@ -20,7 +20,7 @@ from loopgpt.model.checkpoint import load_config
 from sse_starlette.sse import AppStatus
 
 from .app import ServerOptions, create_app
-from .runner import BackendError, load_backend
+from .runner import ONNX_MISSING, BackendError, load_backend
 
 log = logging.getLogger("loopgpt.server")
 
@@ -76,7 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.backend == "onnx" and args.onnx_loader is None:
-        raise BackendError("--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'")
+        raise BackendError(ONNX_MISSING)
     if args.backend == "torch":
         resolve_device(args.device)
         load_config(args.checkpoint)  # a bad directory fails now, in one sentence, before binding
