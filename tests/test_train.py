@@ -18,6 +18,7 @@ import torch
 from conftest import corpus
 from loopgpt.model import load_checkpoint
 from loopgpt.model.tokenizer import load_tokenizer
+from loopgpt.train.data import sample_loops
 from loopgpt.train.evaluate import load_tokens, sliding_nll
 from loopgpt.train.prepare import prepare
 from loopgpt.train.trainer import TrainConfig, train
@@ -123,12 +124,60 @@ def test_eval_is_deterministic_and_matches_direct_computation(data_dir, tmp_path
     shutil.rmtree(out)
 
 
+def test_loop_samplers_draw_the_documented_depths():
+    def draws(kind, n=4000, **kw):
+        gen = torch.Generator().manual_seed(0)
+        return [sample_loops(kind, 6, gen, cap=24, **kw) for _ in range(n)]
+
+    assert set(draws("fixed", 50)) == {6}
+    assert set(draws("uniform")) == set(range(1, 7))
+    heavy = draws("max-heavy")
+    assert set(heavy) == set(range(1, 7)) and heavy.count(6) / len(heavy) == pytest.approx(0.7, abs=0.03)
+    huginn = draws("poisson-lognormal", mean=6)
+    assert min(huginn) >= 1 and max(huginn) <= 24 and sum(huginn) / len(huginn) == pytest.approx(6, abs=0.3)
+    over = draws("max-heavy", overflow=0.2, overflow_max=12)
+    assert set(over) == set(range(1, 13))
+    assert sum(n > 6 for n in over) / len(over) == pytest.approx(0.2, abs=0.02)
+    # the same generator state gives the same depth on every rank; overflow 0 draws nothing extra
+    assert draws("uniform", 100) == draws("uniform", 100, overflow=0.0, overflow_max=12)
+
+
+def test_init_from_fine_tunes_a_checkpoint_and_trains_past_max_loops(data_dir, tmp_path):
+    base = tmp_path / "base"
+    train(TrainConfig(data=str(data_dir / "tok"), out=str(base), max_steps=3, **FAST))
+    # lr 0: the fine-tuned weights must be exactly the checkpoint's, so they were loaded, not re-initialised
+    tuned = tmp_path / "tuned"
+    cfg = TrainConfig(data=str(data_dir / "tok"), out=str(tuned), max_steps=6, init_from=str(base), lr=0.0,
+                      min_lr=0.0, loops_overflow=0.5, **FAST)
+    train(cfg)
+    a, _, _ = load_checkpoint(base)
+    b, _, _ = load_checkpoint(tuned)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    records = [json.loads(line) for line in (tuned / "log.jsonl").read_text().splitlines()]
+    max_loops = a.config.max_loops
+    assert max(r["loops"] for r in records) > max_loops and all(r["loops"] <= 2 * max_loops for r in records)
+    assert "val_loss_overflow" in records[-1] and b.config.extra["train"]["loops_overflow_max"] == 2 * max_loops
+    assert b.config.extra["train"]["init_from"] == str(base)
+    # a tokenizer other than the data's, model flags, or an overflow depth outside the range: one sentence each
+    other = tmp_path / "other"
+    prepare([str(data_dir / "corpus.txt")], other, "train:300", split="eot", val_fraction=0.1)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        train(TrainConfig(data=str(other), out=str(tmp_path / "x"), max_steps=1, init_from=str(base), **FAST))
+    with pytest.raises(ValueError, match="model config from the checkpoint"):
+        train(TrainConfig(data=str(data_dir / "tok"), out=str(tmp_path / "x"), max_steps=1, init_from=str(base),
+                          model_overrides={"dropout": 0.1}, **FAST))
+    with pytest.raises(ValueError, match="--loops-overflow-max must be in 5..16"):
+        train(TrainConfig(data=str(data_dir / "tok"), out=str(tmp_path / "x"), max_steps=1, loops_overflow=0.1,
+                          loops_overflow_max=4, **FAST))
+
+
 @pytest.mark.parametrize("args,message", [
     (["prepare", "--out", "x"], "give either --input FILE... or --hf-dataset NAME"),
     (["prepare", "--out", "x", "--input", "/no/such.txt"], "/no/such.txt: input file does not exist"),
     (["prepare", "--out", "x", "--input", __file__, "--tokenizer", "train:big"], "needs an integer vocabulary"),
     (["train", "--data", "/no/such", "--out", "x"], "meta.json: missing; make the data directory"),
     (["eval", "--checkpoint", "/no/such", "--data", __file__], "checkpoint directory does not exist"),
+    (["train", "--data", "/no/such", "--out", "x", "--loops-overflow", "1.5"], "--loops-overflow must be in [0, 1)"),
 ])
 def test_train_commands_fail_with_one_sentence(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "loopgpt.cli", *args], capture_output=True, text=True, timeout=120,

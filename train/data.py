@@ -45,14 +45,20 @@ class Shards:
 
 
 def sample_loops(kind: str, max_loops: int, generator: torch.Generator, mean: float = 0.0, sigma: float = 0.5,
-                 cap: int | None = None) -> int:
+                 cap: int | None = None, overflow: float = 0.0, overflow_max: int = 0) -> int:
     """Loop count for one training step. Every rank seeds `generator` alike, so all ranks agree.
+
+    With `overflow` > 0, that fraction of steps instead draws uniformly from max_loops + 1..overflow_max:
+    depths past the last gate (which reuse it) are trained too, so serving them is not an extrapolation.
+    With overflow 0 nothing extra is drawn, so the sequences below are unchanged.
 
     fixed: always max_loops (the papers). uniform: 1..max_loops. poisson-lognormal (Huginn):
     n = 1 + Poisson(exp(tau)), tau ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), clipped to cap.
     max-heavy: max_loops 70% of the time, else uniform over 1..max_loops - 1: the trained depth gets
     most of the updates, the shallower exits stay usable.
     """
+    if overflow > 0 and overflow_max > max_loops and float(torch.rand((), generator=generator)) < overflow:
+        return int(torch.randint(max_loops + 1, overflow_max + 1, (1,), generator=generator))
     if kind == "fixed":
         return max_loops
     if kind == "uniform":

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from loopgpt.model import LoopGPT, preset, resolve_device, save_checkpoint
-from loopgpt.model.tokenizer import load_tokenizer
+from loopgpt.model import LoopGPT, load_checkpoint, preset, resolve_device, save_checkpoint
+from loopgpt.model.tokenizer import BPE_FILE, BPE_META, load_tokenizer
 from tqdm import tqdm
 
 from .data import LOOP_SAMPLINGS, Shards, sample_loops
@@ -46,6 +46,9 @@ class TrainConfig:
     loops_sampling: str = "uniform"
     loops_mean: float = 0.0  # poisson-lognormal mean (0: the middle of 1..max_loops)
     loops_sigma: float = 0.5
+    loops_overflow: float = 0.0  # fraction of steps drawn from max_loops + 1..loops_overflow_max (last gate reused)
+    loops_overflow_max: int = 0  # 0: 2 * max_loops, at most the config's loop_cap
+    init_from: str = ""  # fine-tune: start from this checkpoint's weights and config (fresh optimizer, step 0)
     eval_interval: int = 200
     eval_batches: int = 20
     log_interval: int = 10
@@ -62,6 +65,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.loops_overflow < 1:
+            raise ValueError(f"--loops-overflow must be in [0, 1), got {self.loops_overflow}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError("--save-dtype must be float32, bfloat16 or float16")
 
@@ -109,10 +114,20 @@ def setup(cfg: TrainConfig, shards: Shards) -> Run:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)  # same init on every rank
     meta = shards.meta
-    model_cfg = preset(cfg.preset, **{"vocab_size": meta["vocab_size"], "eot_token": meta["eot_token"],
-                                      "tokenizer": meta["tokenizer"], **cfg.model_overrides})
+    if cfg.init_from:
+        model = init_model(cfg, shards)
+        model_cfg = model.config
+    else:
+        model_cfg = preset(cfg.preset, **{"vocab_size": meta["vocab_size"], "eot_token": meta["eot_token"],
+                                          "tokenizer": meta["tokenizer"], **cfg.model_overrides})
+        model = LoopGPT(model_cfg)
+    if cfg.loops_overflow > 0:
+        cfg.loops_overflow_max = cfg.loops_overflow_max or min(2 * model_cfg.max_loops, model_cfg.loop_cap)
+        if not model_cfg.max_loops < cfg.loops_overflow_max <= model_cfg.loop_cap:
+            raise ValueError(f"--loops-overflow-max must be in {model_cfg.max_loops + 1}..{model_cfg.loop_cap} "
+                             f"(past max_loops, within loop_cap), got {cfg.loops_overflow_max}")
     model_cfg.extra = {"train": {k: v for k, v in asdict(cfg).items() if k != "resume"}, "data": meta}
-    model = LoopGPT(model_cfg).to(device)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     ddp_model = model
     if cfg.compile:
@@ -124,6 +139,23 @@ def setup(cfg: TrainConfig, shards: Shards) -> Run:
             find_unused_parameters=model.loop_gates is not None)
     data_gen, loops_gen = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
     return Run(rank, world, device, model, ddp_model, optimizer, data_gen, loops_gen)
+
+
+def init_model(cfg: TrainConfig, shards: Shards) -> LoopGPT:
+    """The --init-from checkpoint's model (its config, not the preset's), if it speaks the data's tokenizer."""
+    if cfg.model_overrides:
+        raise ValueError("--init-from takes the model config from the checkpoint; drop the model flags "
+                         f"({', '.join('--' + k.replace('_', '-') for k in cfg.model_overrides)})")
+    model, _, _ = load_checkpoint(cfg.init_from)
+    meta, mc = shards.meta, model.config
+    same = (mc.tokenizer, mc.vocab_size, mc.eot_token) == (meta["tokenizer"], meta["vocab_size"], meta["eot_token"])
+    if same and mc.tokenizer == "bpe":
+        same = all((Path(cfg.init_from) / name).read_bytes() == (shards.directory / name).read_bytes()
+                   for name in (BPE_FILE, BPE_META))
+    if not same:
+        raise ValueError(f"--init-from {cfg.init_from}: its tokenizer differs from the one {shards.directory} was "
+                         "prepared with; prepare the data with that checkpoint's tokenizer")
+    return model.train()
 
 
 def save_state(run: Run, out: Path) -> None:
@@ -166,7 +198,7 @@ def train_step(run: Run, shards: Shards, cfg: TrainConfig, autocast) -> tuple[fl
     """One optimizer step over grad_accum micro-batches; returns (mean loss over ranks, loops, lr)."""
     cfg_m = run.model.config
     loops = sample_loops(cfg.loops_sampling, cfg_m.max_loops, run.loops_gen, cfg.loops_mean, cfg.loops_sigma,
-                         cfg_m.loop_cap)
+                         cfg_m.loop_cap, cfg.loops_overflow, cfg.loops_overflow_max)
     lr = lr_at(run.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -216,8 +248,12 @@ def train(cfg: TrainConfig) -> dict:
             if run.step % cfg.eval_interval == 0 or last:
                 record["val_loss"] = evaluate(run, shards, cfg, run.model.config.max_loops, autocast)
                 record["val_loss_1"] = evaluate(run, shards, cfg, 1, autocast)
-                if run.rank == 0 and record["val_loss"] < run.best_val:
-                    run.best_val = record["val_loss"]
+                score = record["val_loss"]
+                if cfg.loops_overflow > 0:  # select on the worse of the trained maximum and the overflow depth
+                    record["val_loss_overflow"] = evaluate(run, shards, cfg, cfg.loops_overflow_max, autocast)
+                    score = max(score, record["val_loss_overflow"])
+                if run.rank == 0 and score < run.best_val:
+                    run.best_val = score
                     save_checkpoint(run.model, out, tokenizer, dtype=getattr(torch, cfg.save_dtype))
                 if run.rank == 0:
                     save_state(run, out)
