@@ -138,7 +138,7 @@ def test_loop_samplers_draw_the_documented_depths():
     over = draws("max-heavy", overflow=0.2, overflow_max=12)
     assert set(over) == set(range(1, 13))
     assert sum(n > 6 for n in over) / len(over) == pytest.approx(0.2, abs=0.02)
-    # the same generator state gives the same depth on every rank; overflow 0 draws nothing extra
+    # overflow 0 draws nothing extra: runs (and resume.pt files) from before the option keep their depths
     assert draws("uniform", 100) == draws("uniform", 100, overflow=0.0, overflow_max=12)
 
 
