@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from loopgpt.model import KVCache, LoopGPTConfig, Tokenizer
 from loopgpt.model.checkpoint import load_config, load_eval
+from loopgpt.model.forward import Loops, forward
+from loopgpt.model.kv_cache import CacheAccess
 from loopgpt.model.tokenizer import TokenizerError, load_tokenizer
 
 from .onnx_export import FORMAT, MANIFEST, SPLIT, ExportError
@@ -57,99 +58,88 @@ def open_session(path: Path, threads: int | None = None, providers: list[str] | 
 
 
 class OnnxRunner:
-    """Duck-types LoopGPT for generation and serving: `.config` and `runner(idx, loops, kv_cache, rows, pos)`."""
+    """The split ONNX graphs as a `loopgpt.model.forward.LoopModel`: embed, loop_body and head run in
+    onnxruntime, the forward contract (and its checks) comes from `loopgpt.model.forward`, K/V live in a
+    `KVCache`; so generation, the serving engine and its continuous-depth step use it unchanged."""
 
     def __init__(self, export_dir: str | Path, config: LoopGPTConfig, threads: int | None = None,
                  providers: list[str] | None = None):
         export_dir = Path(export_dir)
         self.config = config
-        self.embed, self.body, self.head = (open_session(export_dir / f, threads, providers) for f in SPLIT)
-        self.providers = self.body.get_providers()
+        self.embed_session, self.body_session, self.head_session = (
+            open_session(export_dir / f, threads, providers) for f in SPLIT)
+        self.providers = self.body_session.get_providers()
         self.slots_per_loop = config.n_layer * config.inner_loops
-        # generate_tokens reads the device and dtype of the model's lm_head weight; the graphs run in fp32
-        # and take and give CPU tensors whatever provider runs them.
-        self.lm_head = SimpleNamespace(weight=torch.empty(0, dtype=torch.float32))
 
     def eval(self) -> OnnxRunner:
         return self
 
-    def _check_loops(self, loops: int | torch.Tensor | None, B: int) -> torch.Tensor:
-        cap = self.config.loop_cap
-        if loops is None:
-            loops = self.config.max_loops
-        if isinstance(loops, int):
-            if not 1 <= loops <= cap:
-                raise ValueError(f"loops must be in 1..{cap}, got {loops}")
-            return torch.full((B,), loops, dtype=torch.long)
-        loops = loops.to(dtype=torch.long, device="cpu")
-        if loops.shape != (B,):
-            raise ValueError(f"per-row loops must have shape ({B},), got {tuple(loops.shape)}")
-        if int(loops.min()) < 1 or int(loops.max()) > cap:
-            raise ValueError(f"loops must be in 1..{cap}, got {loops.tolist()}")
-        return loops
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        feed = {"idx": idx.cpu().numpy(), "pos": pos.cpu().contiguous().numpy()}
+        return torch.from_numpy(self.embed_session.run(None, feed)[0])  # (B, T, C)
 
-    def _past(self, kv_cache: KVCache | None, s0: int, rows: torch.Tensor, P: int, B: int):
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.head_session.run(None, {"x": x.float().contiguous().numpy()})[0])  # (B, T, V)
+
+    def loop_body(self, x: torch.Tensor, loop: int | torch.Tensor, access: CacheAccess | None) -> torch.Tensor:
+        """One outer loop. The graph takes one loop index, so rows at different loops (the engine's decode
+        step) run as one session call per distinct loop index."""
+        if isinstance(loop, int):
+            return self._body(x, loop, access, None)
+        values = loop.tolist()
+        out = x.clone()
+        for n in sorted(set(values)):
+            sel = torch.tensor([b for b, v in enumerate(values) if v == n])
+            out[sel] = self._body(x[sel], n, access, sel)
+        return out
+
+    def _body(self, x: torch.Tensor, n: int, access: CacheAccess | None, sel: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        s0 = self.config.slot(n, 0, 0)  # one loop's slots are contiguous: s0 .. s0 + slots_per_loop - 1
+        if access is None:  # no cache: a fresh sequence at positions 0 .. T-1
+            pos = torch.arange(T)[None, :].expand(B, T).contiguous()
+            past_k, past_v = self._past(None, s0, None, 0, B)
+        else:
+            rows = access.rows
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop)
+            rows, pos, write = (rows, access.pos, access.write_rows) if sel is None else (
+                rows[sel], access.pos[sel], access.write_rows[sel])
+            pos = pos.cpu().contiguous()
+            past_k, past_v = self._past(access.cache, s0, rows.cpu(), int(pos[:, 0].max()), B)
+        feed = {"x": x.float().contiguous().numpy(), "pos": pos.numpy(), "loop": np.array(n, dtype=np.int64),
+                "past_k": past_k, "past_v": past_v}
+        x, present_k, present_v = self.body_session.run(None, feed)
+        if access is not None:
+            for i in range(self.slots_per_loop):
+                access.cache.write(s0 + i, write.cpu(), pos, torch.from_numpy(present_k[i]),
+                                   torch.from_numpy(present_v[i]))
+        return torch.from_numpy(x)
+
+    def _past(self, kv_cache: KVCache | None, s0: int, rows: torch.Tensor | None, P: int, B: int):
         """Past K/V of one loop's slots for `rows`, (S, B, H, P, D) each, as contiguous numpy arrays."""
         if kv_cache is None:
             cfg = self.config
             empty = np.zeros((self.slots_per_loop, B, cfg.n_head, 0, cfg.head_dim), dtype=np.float32)
             return empty, empty
-        k, v = kv_cache.k[s0:s0 + self.slots_per_loop], kv_cache.v[s0:s0 + self.slots_per_loop]
-        if not (rows.numel() == kv_cache.batch_size and bool((rows == torch.arange(rows.numel())).all())):
-            k, v = k[:, rows], v[:, rows]  # a gather; all rows in order stay a view until the copy below
-        return np.ascontiguousarray(k[:, :, :, :P].numpy()), np.ascontiguousarray(v[:, :, :, :P].numpy())
+        k, v = kv_cache.k[s0:s0 + self.slots_per_loop, rows], kv_cache.v[s0:s0 + self.slots_per_loop, rows]
+        k, v = k[:, :, :, :P].float().numpy(), v[:, :, :, :P].float().numpy()
+        return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
     def __call__(
         self,
         idx: torch.Tensor,
-        loops: int | torch.Tensor | None = None,
+        loops: Loops = None,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         rows: torch.Tensor | None = None,
         pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """Logits (B, T, V) as a CPU float32 tensor; the same cache contract as `LoopGPT.forward`."""
+        """Logits (B, T, V) as a CPU float32 tensor: `LoopGPT.forward`'s contract, from the same code."""
         if targets is not None:
             raise ValueError("the ONNX runner computes no loss; evaluate with the PyTorch checkpoint")
-        cfg = self.config
-        idx = idx.cpu()
-        B, T = idx.shape
-        row_loops = self._check_loops(loops, B)
-        if kv_cache is not None:
-            rows = torch.arange(B) if rows is None else rows.cpu()
-            if pos is None:
-                pos = kv_cache.lengths[rows][:, None] + torch.arange(T)  # (B, T)
-            if int(row_loops.max()) > kv_cache.loops:
-                raise ValueError(f"KV cache holds {kv_cache.loops} loops, {int(row_loops.max())} requested")
-            if int(pos.max()) >= kv_cache.max_len:
-                raise ValueError(f"position {int(pos.max())} is beyond the KV cache length {kv_cache.max_len}")
-        elif pos is None:
-            pos = torch.arange(T)[None, :].expand(B, T)
-        if T > cfg.block_size or int(pos.max()) >= cfg.block_size:
-            raise ValueError(f"sequence reaches position {int(pos.max())}, beyond the context of {cfg.block_size}")
-        pos = pos.cpu().contiguous()
-        x = self.embed.run(None, {"idx": idx.numpy(), "pos": pos.numpy()})[0]  # (B, T, C)
-        for n in range(int(row_loops.max())):
-            active = (row_loops > n).nonzero().squeeze(1)
-            whole = active.numel() == B
-            xa, pa = (x, pos) if whole else (x[active.numpy()], pos[active])
-            ra = None if kv_cache is None else (rows if whole else rows[active])
-            s0 = cfg.slot(n, 0, 0)  # one loop's slots are contiguous: s0 .. s0 + slots_per_loop - 1
-            past_k, past_v = self._past(kv_cache, s0, ra, int(pa[:, 0].max()), xa.shape[0])
-            feed = {"x": xa, "pos": pa.numpy(), "loop": np.array(n, dtype=np.int64), "past_k": past_k, "past_v": past_v}
-            xa, present_k, present_v = self.body.run(None, feed)
-            if kv_cache is not None:
-                for i in range(self.slots_per_loop):
-                    kv_cache.write(s0 + i, ra, pa, torch.from_numpy(present_k[i]), torch.from_numpy(present_v[i]))
-            if whole:
-                x = xa
-            else:
-                x = x.copy()
-                x[active.numpy()] = xa
-        if kv_cache is not None:
-            kv_cache.lengths[rows] = pos[:, -1] + 1
-        logits = self.head.run(None, {"x": x})[0]  # (B, T, V)
-        return torch.from_numpy(logits), None
+        return forward(self, idx.cpu(), loops, kv_cache, None if rows is None else rows.cpu(),
+                       None if pos is None else pos.cpu()), None
 
 
 def read_manifest(export_dir: str | Path) -> dict:

@@ -81,6 +81,19 @@ def resolve_device(name: str) -> str:
     raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` → bfloat16 on a CUDA device that supports it, else float32; or the dtype named."""
+    if name == "auto":
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def load_checkpoint(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[LoopGPT, Tokenizer, dict | None]:

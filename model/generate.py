@@ -14,7 +14,7 @@ import torch
 
 from .gpt import LoopGPT
 from .kv_cache import KVCache
-from .sampling import SamplingParams, make_generator, sample_row
+from .sampling import SamplingParams, fresh_seed, sample_row
 from .tokenizer import Tokenizer
 
 
@@ -43,20 +43,28 @@ def generate_tokens(
     seed: int | None = None,
     eos_token: int | None = None,
 ) -> Iterator[int]:
-    """Token ids, one per step; stops after `max_tokens` or after yielding `eos_token`."""
+    """Token ids, one per step; stops after `max_tokens` or after yielding `eos_token`.
+
+    The reference decode loop (prefill, then one full-depth cached forward per token): `loopgpt generate`,
+    the benchmarks and the engine's tests use it. Token i is sampled with (seed, counter i), as the engine
+    samples it, so a seeded request gets the same tokens here and from the server."""
     check_request(model, len(prompt), max_tokens, loops)
     params = params or SamplingParams()
-    device = model.lm_head.weight.device
-    cache = KVCache(model.config, 1, max_len=len(prompt) + max_tokens, loops=loops, device=device,
-                    dtype=model.lm_head.weight.dtype)
-    generator = make_generator(seed, device)
+    seed = fresh_seed() if seed is None else seed
+    device, dtype = _device_dtype(model)
+    cache = KVCache(model.config, 1, max_len=len(prompt) + max_tokens, loops=loops, device=device, dtype=dtype)
     logits, _ = model(torch.tensor([prompt], device=device), loops, kv_cache=cache)
     for i in range(max_tokens):
-        token = sample_row(logits[0, -1], params, generator)
+        token = sample_row(logits[0, -1], params, seed, i)
         yield token
         if token == eos_token or i == max_tokens - 1:
             return
         logits, _ = model(torch.tensor([[token]], device=device), loops, kv_cache=cache)
+
+
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    weight = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return (weight.device, weight.dtype) if weight is not None else (torch.device("cpu"), torch.float32)
 
 
 class TextStream:

@@ -1,12 +1,16 @@
 """KVCache: preallocated keys and values, one slot per (outer loop, layer, inner loop) application.
 
 A cache holds `batch_size` rows; each row is one sequence with its own length, so a serving engine
-can keep unrelated requests in one cache, reset a finished row and reuse it at once.
+can keep unrelated requests in one cache, reset a finished row and reuse it at once. `CacheAccess`
+says where one outer loop of a batch reads and writes: every row may stand at its own loop (its own
+slots), which is what the continuous-depth engine step needs.
 
     python -c "from loopgpt.model import KVCache, preset; c = KVCache(preset('tiny'), 4); print(c.k.shape)"
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +43,10 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def slots(self) -> int:
+        return self.k.shape[0]
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Mark rows empty; their stale K/V are never read because attention masks by position."""
         if rows is None:
@@ -46,20 +54,41 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
-    def write(self, slot: int, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, H, T, D) for cache rows `rows` (B,) at positions `pos` (B, T)."""
-        self.k[slot][rows[:, None], :, pos] = k.transpose(1, 2)  # index (B, T) + (H, D)
-        self.v[slot][rows[:, None], :, pos] = v.transpose(1, 2)
+    def write(self, slot: int | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store k, v (B, H, T, D) at positions `pos` (B, T) of cache rows `rows` ((B,) or per token (B, T)).
 
-    def read(self, slot: int, rows: torch.Tensor | slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        `slot` is one slot for the whole batch, or one per batch row ((B,) tensor)."""
+        rows = rows[:, None] if rows.dim() == 1 else rows  # (B, 1) or (B, T)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D)
+        if isinstance(slot, int):
+            self.k[slot][rows, :, pos] = k  # index (B, T) + (H, D)
+            self.v[slot][rows, :, pos] = v
+        else:
+            flat = slot[:, None] * self.batch_size + rows  # (B, T) index into (S * R)
+            self.k.view(-1, *self.k.shape[2:])[flat, :, pos] = k
+            self.v.view(-1, *self.v.shape[2:])[flat, :, pos] = v
+
+    def read(self, slot: int | torch.Tensor, rows: torch.Tensor | slice,
+             length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `length` positions of `rows`: (B, H, length, D) each.
 
-        `rows` may be a slice (see `row_index`): then the result is a view, with no gather copy."""
-        return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
+        With one slot and `rows` a slice (see `row_index`) the result is a view, with no gather copy;
+        with one slot per row ((B,) tensor) it is one gather over the flattened (slot, row) axis."""
+        if isinstance(slot, int):
+            return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=slot.device)
+        flat = slot * self.batch_size + rows  # (B,)
+        k = self.k.view(-1, *self.k.shape[2:])[:, :, :length]  # (S * R, H, length, D), a view
+        v = self.v.view(-1, *self.v.shape[2:])[:, :, :length]
+        return k.index_select(0, flat), v.index_select(0, flat)
 
     @staticmethod
     def row_index(rows: torch.Tensor) -> torch.Tensor | slice:
-        """`rows` as a slice when it is a run of consecutive rows (the common case), else unchanged."""
+        """`rows` as a slice when it is a run of consecutive rows (the common case), else unchanged.
+
+        Reads the rows back to the host: for the reference forward, not for the engine's decode step."""
         first, n = int(rows[0]), rows.numel()
         if bool((rows == torch.arange(first, first + n, device=rows.device)).all()):
             return slice(first, first + n)
@@ -68,3 +97,41 @@ class KVCache:
     def usage(self) -> float:
         """Fraction of the cache's token positions in use, for the kv_cache_usage_ratio gauge."""
         return float(self.lengths.sum()) / (self.batch_size * self.max_len)
+
+
+@dataclass
+class CacheAccess:
+    """Where one outer loop of a batch writes its new K/V and reads keys from a KVCache.
+
+    `loop` is the outer loop of every row (an int) or of each row ((B,) tensor): a row's slots for
+    layer i, inner loop j are `config.slot(loop, i, j)`, computed on the device when per row.
+    """
+
+    cache: KVCache
+    loop: int | torch.Tensor  # outer loop index, for all rows or per row (B,)
+    rows: torch.Tensor | slice  # (B,) cache row each batch row reads (a slice when consecutive)
+    write_rows: torch.Tensor  # (B,) or (B, T): cache row each new token's K/V goes to (padding: a scratch row)
+    pos: torch.Tensor  # (B, T) absolute positions of the new tokens
+    ctx: int  # keys read per row: positions 0 .. ctx-1
+    mask: torch.Tensor  # (B, 1, T, ctx) True where a query may attend to a key
+
+    def __post_init__(self):
+        cfg = self.cache.config
+        per_loop = cfg.n_layer * cfg.inner_loops
+        if isinstance(self.loop, int):
+            self.base: int | torch.Tensor = cfg.slot(self.loop, 0, 0)
+        else:  # slot(n, 0, 0) on the device: (kept loop) * slots per loop
+            kept = self.loop if cfg.kv_budget == 0 else torch.remainder(self.loop, cfg.kv_budget)
+            self.base = kept * per_loop
+
+    def write(self, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, H, T, D) of the application `offset` = layer * inner_loops + j of this loop."""
+        self.cache.write(self.base + offset, self.write_rows, self.pos, k, v)
+
+    def read(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.read(self.base + offset, self.rows, self.ctx)
+
+
+def position_mask(pos: torch.Tensor, ctx: int) -> torch.Tensor:
+    """(B, 1, T, ctx) bool: query at position p sees keys at positions 0..p of its own row."""
+    return torch.arange(ctx, device=pos.device)[None, None, None, :] <= pos[:, None, :, None]

@@ -40,6 +40,8 @@ class ServerOptions:
     api_key: str | None = None
     prompt_nll: bool = True
     prefill_chunk: int = 128  # prompt tokens prefilled per engine turn (chunked prefill)
+    compile: bool = False  # torch.compile the decode step and head (held by the runner)
+    cuda_graphs: bool = False  # replay the decode step and head as CUDA graphs, one per bucket
 
 
 @dataclass
@@ -70,7 +72,10 @@ class ServerState:
     def load(self) -> None:
         try:
             loaded = self.loader()
-            runner = ModelRunner(loaded.model, self.options.max_batch, device=loaded.device)
+            runner = ModelRunner(loaded.model, self.options.max_batch, device=loaded.device, dtype=loaded.dtype,
+                                 compile=self.options.compile, cuda_graphs=self.options.cuda_graphs)
+            if self.options.cuda_graphs or self.options.compile:
+                log.info("warming up: %d step variants captured/compiled", runner.warmup())
         except (ValueError, OSError) as e:  # CheckpointError, BackendError, unreadable files
             self.load_error = str(e)
             log.error("cannot load the model: %s", e)

@@ -1,12 +1,18 @@
-"""Engine: one thread that owns the model runner and steps a continuous, depth-wise batch.
+"""Engine: one thread that owns the model runner and steps a continuous-depth batch.
 
-Each turn of its loop: admit waiting requests into free KV-cache rows, prefill at most `prefill_chunk`
-prompt tokens (chunked prefill: a long prompt is spread over several turns, so the rows already
-decoding keep getting a token every turn instead of waiting for the whole prompt), then run ONE
-decode forward for every decoding row with a per-row `loops` tensor (loop n runs only on rows whose
-count exceeds n, so a mixed batch is never padded to its deepest request), then sample, stream and
-retire. HTTP handlers never touch the model: they `submit` a Request whose `emit`
-callback hands events to the handler's own asyncio queue.
+Each turn is `schedule -> run -> postprocess` (nano-vllm's step):
+- schedule (host only): retire aborted requests, admit waiting ones into free KV-cache rows, pick at most
+  `prefill_chunk` prompt tokens to prefill (several prompts batched in one forward; a long prompt is spread
+  over turns so running streams keep getting tokens), and advance every decoding row by ONE loop: a row
+  at loop n of its token runs loop n now; a row at its last loop also samples its next token this turn.
+- run: the runner launches all of it without waiting for the device (`server/runner.py`).
+- postprocess: detokenize, stream, stop and retire the rows sampled one turn earlier (on a GPU the host
+  does this while the device runs the next turn; on a CPU right away).
+
+So a loops-1 request gets a token every turn, a loops-6 one every sixth, in the same batch. A request whose
+sampling or text handling fails ends alone with an error event; a failing forward aborts the batch and the
+engine goes on. HTTP handlers never touch the model: they `submit` a Request whose `emit` callback hands
+events to the handler's own asyncio queue.
 
     python -m pytest tests/test_server_engine.py -q
 """
@@ -21,10 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from loopgpt.model import SamplingParams, TextStream, Tokenizer, sample_row, token_stats
+from loopgpt.model import SamplingParams, TextStream, Tokenizer, fresh_seed
 
-from .runner import ModelRunner
+from .runner import ModelRunner, Pending, PrefillChunk, Sample, StepPlan
 
 log = logging.getLogger("loopgpt.server")
 
@@ -48,7 +53,7 @@ class TokenEvent:
 
 @dataclass
 class FinishEvent:
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     text: str  # held-back text released at the end (may be "")
     prompt_tokens: int
     completion_tokens: int
@@ -56,6 +61,7 @@ class FinishEvent:
     e2e_s: float
     prompt_nll: float | None
     token_nll: float | None
+    error: str | None = None  # with finish_reason "error": what failed, for the client
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,6 +70,8 @@ class FinishEvent:
 
 @dataclass
 class Request:
+    """What a client asked for; the engine never changes it (only the two status flags)."""
+
     prompt_ids: list[int]
     loops: int
     max_tokens: int
@@ -73,21 +81,37 @@ class Request:
     stop: list[str] = field(default_factory=list)
     eos_token: int | None = None
     endpoint: str = "generate"
-    aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next step
     arrival: float = field(default_factory=time.perf_counter)
-    # engine-side state
-    row: int = -1
-    generator: torch.Generator | None = None
-    stream: TextStream | None = None
-    prefilled: int = 0  # prompt tokens already in the KV cache
-    prompt_nll_sum: float = 0.0
-    pending: int = -1  # sampled token not yet fed to the model
-    n_tokens: int = 0
+    aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
+    done: bool = False  # set by the engine once the FinishEvent is out
+
+
+@dataclass
+class Row:
+    """The engine's state of one admitted request: its cache row and where its current token stands."""
+
+    req: Request
+    index: int  # KV-cache row
+    seed: int
+    eos: int
+    stream: TextStream
+    prefilled: int = 0  # prompt tokens in the cache
+    pos: int = 0  # position of the token being looped
+    loop: int = 0  # loop that token runs next
+    sampled: int = 0  # tokens sampled, delivered or still on their way
+    n_tokens: int = 0  # tokens delivered (an EOS is not one)
     nll_sum: float = 0.0
     prompt_nll: float | None = None
     first_token_at: float | None = None
     last_token_at: float = 0.0
-    done: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.req.prompt_ids) and self.sampled > 0
+
+    @property
+    def wants_more(self) -> bool:
+        return self.sampled < self.req.max_tokens
 
 
 class Engine:
@@ -100,16 +124,19 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics  # a ServerMetrics or None
         self.prompt_nll = prompt_nll
-        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per engine turn, over all requests
-        self.prefilling: list[Request] = []  # admitted (row held), prompt not yet all in the cache; FIFO
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per turn, over all requests
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: dict[int, Request] = {}  # cache row -> request
+        self.rows: dict[int, Row] = {}  # cache row -> admitted request, in admission order
         self.free_rows = list(range(runner.max_batch))
+        # Turns launched but not yet postprocessed: one on a GPU (the host streams turn t-1 while the device
+        # runs turn t), none on a CPU, where nothing would overlap.
+        self.inflight: collections.deque[tuple[list[Row], Pending]] = collections.deque()
+        self.depth = 1 if runner.cuda else 0
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.drain_deadline: float | None = None
-        self.steps = 0  # decode forwards run, for tests and logs
+        self.steps = 0  # decode steps run (one loop each), for tests and logs
 
     # ---- called from the HTTP side (any thread) ----
 
@@ -123,7 +150,6 @@ class Engine:
                 raise NotAccepting("the server is not accepting requests (starting or shutting down); retry shortly")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
-            req.eos_token = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
             self.waiting.append(req)
             self.cond.notify()
 
@@ -147,7 +173,7 @@ class Engine:
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting)."""
-        return len(self.running), len(self.waiting)
+        return len(self.rows), len(self.waiting)
 
     # ---- the engine thread ----
 
@@ -155,23 +181,40 @@ class Engine:
         with self.runner.context():
             while True:
                 with self.cond:
-                    while not (self.stopping or self.waiting or self.running):
+                    while not (self.stopping or self.waiting or self.rows or self.inflight):
                         self.cond.wait(0.5)
                     if self.stopping:
                         break
                 try:
-                    self._retire_aborted()
-                    self._admit()
-                    self._prefill_some()
-                    if len(self.running) > len(self.prefilling):
-                        self._decode_step()
-                except (RuntimeError, ValueError):  # a model failure (e.g. out of memory): end its requests, go on
+                    self._turn()
+                except (RuntimeError, ValueError):  # the forward failed (e.g. out of memory): end its batch, go on
                     log.exception("engine step failed; aborting the requests in the batch")
-                    for req in list(self.running.values()):
-                        self._finish(req, "abort")
+                    self.inflight.clear()
+                    for row in list(self.rows.values()):
+                        self._finish(row, "abort")
                 self._report()
-        for req in list(self.running.values()) + list(self.waiting):
-            self._finish(req, "abort")
+        self.inflight.clear()
+        for row in list(self.rows.values()):
+            self._finish(row, "abort")
+        for req in list(self.waiting):
+            self._finish_unadmitted(req)
+
+    def _turn(self) -> None:
+        self._retire_aborted()
+        self._admit()
+        plan, sampled = self._schedule()
+        launched = bool(plan.prefill or plan.rows or plan.samples)
+        if launched:
+            pending = self.runner.run(plan)
+            if plan.rows:
+                self.steps += 1
+                if self.metrics:
+                    self.metrics.batch(len(plan.rows))
+            if pending is not None:
+                self.inflight.append((sampled, pending))
+        keep = self.depth if launched else 0  # with nothing new to launch, catch up completely
+        while len(self.inflight) > keep:
+            self._postprocess(*self.inflight.popleft())
 
     def _retire_aborted(self) -> None:
         past_deadline = self.drain_deadline is not None and time.perf_counter() >= self.drain_deadline
@@ -179,8 +222,10 @@ class Engine:
             gone = [r for r in self.waiting if r.aborted or past_deadline]
             for r in gone:
                 self.waiting.remove(r)
-        for req in gone + [r for r in self.running.values() if r.aborted or past_deadline]:
-            self._finish(req, "abort")
+        for req in gone:
+            self._finish_unadmitted(req)
+        for row in [r for r in self.rows.values() if r.req.aborted or past_deadline]:
+            self._finish(row, "abort")
 
     def _admit(self) -> None:
         while self.free_rows:
@@ -188,91 +233,114 @@ class Engine:
                 if not self.waiting:
                     return
                 req = self.waiting.popleft()
-            req.row = self.free_rows.pop()
-            self.running[req.row] = req
-            self.prefilling.append(req)
+            index = self.free_rows.pop()
+            seed = fresh_seed() if req.seed is None else req.seed
+            eos = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
+            self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop))
             if self.metrics:
                 self.metrics.queued(req, time.perf_counter() - req.arrival)
-            req.generator = self.runner.generator(req.seed)
-            req.stream = TextStream(self.tokenizer, req.stop)
 
-    def _prefill_some(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens, oldest request first; a finished prompt samples its
-        first token (and joins this turn's decode step)."""
-        budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            req = self.prefilling[0]
-            start = req.prefilled
-            end = min(len(req.prompt_ids), start + budget)
-            last = end == len(req.prompt_ids)
-            logits, nll_sum = self.runner.prefill_chunk(
-                req.row, req.prompt_ids[start:end], start, req.loops, None if last else req.prompt_ids[end],
-                self.prompt_nll)
-            req.prefilled, req.prompt_nll_sum = end, req.prompt_nll_sum + nll_sum
-            budget -= end - start
-            if not last:
+    def _schedule(self) -> tuple[StepPlan, list[Row]]:
+        """This turn's work, decided on the host alone: decoding rows advance one loop each (sampling after
+        their last), then prompt chunks fill the prefill budget oldest first. Rows whose prompt completes
+        sample their first token now and decode from the next turn on."""
+        plan, sampled = StepPlan(), []
+        for row in self.rows.values():
+            if not (row.decoding and row.wants_more):
                 continue
-            self.prefilling.pop(0)
-            if self.prompt_nll and len(req.prompt_ids) > 1:
-                req.prompt_nll = req.prompt_nll_sum / (len(req.prompt_ids) - 1)
-                if self.metrics:
-                    self.metrics.prompt_scored(req, req.prompt_nll)
-            self._sample_and_deliver([req], logits[None])
+            plan.rows.append(row.index)
+            plan.pos.append(row.pos)
+            plan.loop.append(row.loop)
+            row.loop += 1
+            if row.loop == row.req.loops:  # the token is through all its loops: sample the next one
+                plan.samples.append(Sample(row.index, row.req.params, row.seed, row.sampled))
+                sampled.append(row)
+                row.sampled, row.loop, row.pos = row.sampled + 1, 0, row.pos + 1
+        budget = self.prefill_chunk
+        for row in self.rows.values():
+            prompt = row.req.prompt_ids
+            if budget == 0 or row.prefilled == len(prompt):
+                continue
+            start = row.prefilled
+            end = min(len(prompt), start + budget)
+            targets = (prompt[start + 1:end + 1]) if self.prompt_nll else None
+            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets))
+            row.prefilled, budget = end, budget - (end - start)
+            if end == len(prompt):
+                plan.samples.append(Sample(row.index, row.req.params, row.seed, 0))
+                sampled.append(row)
+                row.sampled, row.loop, row.pos = 1, 0, len(prompt)
+        return plan, sampled
 
-    def _decode_step(self) -> None:
-        batch = sorted((r for r in self.running.values() if r.prefilled == len(r.prompt_ids)), key=lambda r: r.row)
-        logits = self.runner.decode([r.row for r in batch], [r.pending for r in batch], [r.loops for r in batch])
-        self.steps += 1
-        if self.metrics:
-            self.metrics.batch(len(batch))
-        self._sample_and_deliver(batch, logits)
-
-    def _sample_and_deliver(self, batch: list[Request], logits: torch.Tensor) -> None:
-        """Sample one token per row of logits (B, V), stream it, and retire rows that are done."""
-        tokens = [sample_row(logits[i], r.params, r.generator) for i, r in enumerate(batch)]
-        nll, entropy = token_stats(logits, torch.tensor(tokens, device=logits.device))
+    def _postprocess(self, sampled: list[Row], pending: Pending) -> None:
+        """Deliver the tokens of one launched turn; a row whose output or text handling fails ends alone."""
         now = time.perf_counter()
-        for i, req in enumerate(batch):
-            self._deliver(req, tokens[i], float(nll[i]), float(entropy[i]), now)
+        for row, out in zip(sampled, pending.result(), strict=True):
+            if row.req.done:  # finished (stop, abort) after this turn was launched
+                continue
+            try:
+                self._deliver(row, out, now)
+            except (RuntimeError, ValueError, KeyError, IndexError, UnicodeError) as e:
+                log.exception("request failed while handling its token; ending it alone")
+                self._finish(row, "error", f"the server failed to handle a generated token ({type(e).__name__})")
 
-    def _deliver(self, req: Request, token: int, nll: float, entropy: float, now: float) -> None:
-        first = req.first_token_at is None
-        if first:
-            req.first_token_at = now
-        if self.metrics:
-            self.metrics.token(req, None if first else now - req.last_token_at, nll, entropy, first)
-        req.last_token_at = now
-        if token == req.eos_token:
-            self._finish(req, "stop")
+    def _deliver(self, row: Row, out: list[float], now: float) -> None:
+        token, nll, entropy, finite, prompt_nll_sum = out
+        if not finite:
+            self._finish(row, "error", "the model produced non-finite logits for this request; try other "
+                                       "sampling settings or fewer loops")
             return
-        req.n_tokens += 1
-        req.nll_sum += nll
-        piece = req.stream.push(token)
-        self._emit(req, TokenEvent(req.n_tokens - 1, token, piece, nll, entropy))
-        if req.stream.stopped:
-            self._finish(req, "stop")
-        elif req.n_tokens >= req.max_tokens:
-            self._finish(req, "length")
+        req = row.req
+        if row.first_token_at is None:
+            row.first_token_at = now
+            n = len(req.prompt_ids)
+            if self.prompt_nll and n > 1:
+                row.prompt_nll = prompt_nll_sum / (n - 1)
+                if self.metrics:
+                    self.metrics.prompt_scored(req, row.prompt_nll)
+            itl = None
         else:
-            req.pending = token
+            itl = now - row.last_token_at
+        if self.metrics:
+            self.metrics.token(req, row.first_token_at - req.arrival if itl is None else None, itl, nll, entropy)
+        row.last_token_at = now
+        token = int(token)
+        if token == row.eos:
+            self._finish(row, "stop")
+            return
+        row.n_tokens += 1
+        row.nll_sum += nll
+        piece = row.stream.push(token)
+        self._emit(req, TokenEvent(row.n_tokens - 1, token, piece, nll, entropy))
+        if row.stream.stopped:
+            self._finish(row, "stop")
+        elif row.n_tokens >= req.max_tokens:
+            self._finish(row, "length")
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
+        req = row.req
         if req.done:
             return
         req.done = True
-        if req.row >= 0:
-            self.running.pop(req.row, None)
-            self.prefilling = [r for r in self.prefilling if r is not req]
-            self.runner.free(req.row)
-            self.free_rows.append(req.row)
-        tail = req.stream.finish() if req.stream is not None and reason != "abort" and not req.stream.stopped else ""
+        self.rows.pop(row.index, None)
+        self.runner.free(row.index)
+        self.free_rows.append(row.index)
+        tail = row.stream.finish() if reason in ("stop", "length") and not row.stream.stopped else ""
+        self._send_finish(req, reason, tail, row.n_tokens, row.first_token_at, row.prompt_nll,
+                          row.nll_sum / row.n_tokens if row.n_tokens else None, error)
+
+    def _finish_unadmitted(self, req: Request) -> None:
+        if not req.done:
+            req.done = True
+            self._send_finish(req, "abort", "", 0, None, None, None, None)
+
+    def _send_finish(self, req: Request, reason: str, tail: str, n_tokens: int, first_token_at: float | None,
+                     prompt_nll: float | None, token_nll: float | None, error: str | None) -> None:
         end = time.perf_counter()
-        ev = FinishEvent(
-            finish_reason=reason, text=tail, prompt_tokens=len(req.prompt_ids), completion_tokens=req.n_tokens,
-            ttft_s=None if req.first_token_at is None else req.first_token_at - req.arrival,
-            e2e_s=end - req.arrival, prompt_nll=req.prompt_nll,
-            token_nll=req.nll_sum / req.n_tokens if req.n_tokens else None,
-        )
+        ev = FinishEvent(finish_reason=reason, text=tail, prompt_tokens=len(req.prompt_ids),
+                         completion_tokens=n_tokens, ttft_s=None if first_token_at is None else first_token_at
+                         - req.arrival, e2e_s=end - req.arrival, prompt_nll=prompt_nll, token_nll=token_nll,
+                         error=error)
         if self.metrics:
             self.metrics.finished(req, ev)
         ttft = f"{ev.ttft_s:.3f}s" if ev.ttft_s is not None else "-"
@@ -286,7 +354,12 @@ class Engine:
         except RuntimeError:  # the handler's event loop is closed: nobody is listening any more
             req.aborted = True
 
+    def usage(self) -> float:
+        """Fraction of the KV cache's token positions holding a live request's tokens (host bookkeeping)."""
+        used = sum(max(r.prefilled, r.pos) for r in self.rows.values())
+        return used / (self.runner.max_batch * self.runner.cache.max_len)
+
     def _report(self) -> None:
         if self.metrics:
             running, waiting = self.counts()
-            self.metrics.gauges(running, waiting, self.runner.usage())
+            self.metrics.gauges(running, waiting, self.usage())

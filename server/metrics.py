@@ -83,10 +83,10 @@ class ServerMetrics:
     def prompt_scored(self, req: Any, nll: float) -> None:
         self.prompt_nll.labels(str(req.loops)).observe(nll)
 
-    def token(self, req: Any, itl: float | None, nll: float, entropy: float, first: bool) -> None:
+    def token(self, req: Any, ttft: float | None, itl: float | None, nll: float, entropy: float) -> None:
         loops = str(req.loops)
-        if first:
-            self.ttft.labels(loops).observe(req.first_token_at - req.arrival)
+        if ttft is not None:
+            self.ttft.labels(loops).observe(ttft)
         if itl is not None:
             self.itl.labels(loops).observe(itl)
         self.token_nll.labels(loops).observe(nll)

@@ -32,6 +32,12 @@ def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache (auto: bfloat16 on a CUDA device that supports it, else "
+                        "float32); sampling and NLL metrics are always float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step and the sampling head")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the decode step per batch/context bucket as CUDA graphs and replay them (CUDA only)")
     p.add_argument("--api-key", default=os.environ.get("LOOPGPT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on generation routes (default: $LOOPGPT_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows: requests decoded together")
@@ -77,6 +83,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.backend == "onnx" and args.onnx_loader is None:
         raise BackendError(ONNX_MISSING)
+    if args.cuda_graphs and (args.backend != "torch" or resolve_device(args.device) == "cpu"):
+        raise BackendError("--cuda-graphs needs the torch backend on a CUDA device (--device cuda)")
     if args.backend == "torch":
         resolve_device(args.device)
         load_config(args.checkpoint)  # a bad directory fails now, in one sentence, before binding
@@ -89,8 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("model threads: %d", torch.get_num_threads())
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                             api_key=args.api_key or None, prompt_nll=args.prompt_nll,
-                            prefill_chunk=args.prefill_chunk)
-    app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device, args.onnx_loader), options)
+                            prefill_chunk=args.prefill_chunk, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device, args.dtype,
+                                          onnx_loader=args.onnx_loader), options)
     state = app.state.loopgpt
     # Our engine decides when streams end on shutdown; sse-starlette would otherwise cut them at once.
     AppStatus.disable_automatic_graceful_drain()

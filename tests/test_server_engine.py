@@ -9,8 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_model
-from loopgpt.model import KVCache, SamplingParams, generate_tokens, load_checkpoint
+from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
 from loopgpt.server.engine import Engine, FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
 from loopgpt.server.runner import ModelRunner
 
@@ -37,26 +36,6 @@ class Collector:
         return self.events[-1]
 
 
-@torch.inference_mode()
-def test_batched_logits_match_solo_for_16_steps():
-    """A greedy row decoded beside rows of other depths and lengths gets the solo run's logits (1e-4)."""
-    model = tiny_model(block_size=128)
-    prompts = [[5, 9, 2, 7, 1], [3, 3, 8], [11, 4, 6, 2, 9, 9, 1, 0], [7]]
-    loops = [3, 1, 16, 6]
-    runner = ModelRunner(model, max_batch=6)
-    rows = [4, 0, 2, 5]  # scattered rows: the cache's gather path, not the whole-cache view
-    last = [runner.prefill(r, p, n, prompt_nll=False)[0] for r, p, n in zip(rows, prompts, loops, strict=True)]
-    solo = KVCache(model.config, 1)
-    solo_logits, _ = model(torch.tensor([prompts[0]]), loops[0], kv_cache=solo)
-    solo_last = solo_logits[0, -1]
-    for step in range(16):
-        torch.testing.assert_close(last[0], solo_last, atol=1e-4, rtol=0, msg=f"step {step}")
-        tokens = [int(torch.argmax(x)) for x in last]
-        batch = runner.decode(rows, tokens, loops)
-        last = list(batch)
-        solo_last = model(torch.tensor([[tokens[0]]]), loops[0], kv_cache=solo)[0][0, -1]
-
-
 @pytest.fixture(scope="module")
 def engine_parts(tiny_checkpoint):
     model, tokenizer, _ = load_checkpoint(tiny_checkpoint)
@@ -81,28 +60,25 @@ def test_mixed_loops_requests_equal_their_solo_greedy_output(engine_parts):
             assert c.tokens() == oracle, f"loops={loops}"
             assert ev.finish_reason == "length" and ev.completion_tokens == n
             assert ev.prompt_nll is not None and ev.token_nll is not None
-        total = sum(n for _, _, n in specs)
-        # Rows decoded together: far fewer forwards than tokens (each request's first token is its prefill).
-        assert engine.steps < total - len(specs)
+        # One loop per step for every row: alone, the requests would need sum((tokens - 1) * loops) steps (the
+        # first token comes from the prefill); sharing steps, the batch needs far fewer.
+        alone = sum((n - 1) * loops for _, loops, n in specs)
+        assert engine.steps < 0.75 * alone, (engine.steps, alone)
         assert engine.counts() == (0, 0) and sorted(engine.free_rows) == [0, 1, 2]
     finally:
         engine.stop()
 
 
 class CallLog(ModelRunner):
-    """A real runner that records which forwards the engine asked for, in order."""
+    """A real runner that records the plans the engine asked it to run, in order."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls: list[tuple] = []
+        self.plans: list = []
 
-    def prefill_chunk(self, row, chunk, start, loops, next_token, prompt_nll):
-        self.calls.append(("prefill", row, start, len(chunk)))
-        return super().prefill_chunk(row, chunk, start, loops, next_token, prompt_nll)
-
-    def decode(self, rows, tokens, loops):
-        self.calls.append(("decode", tuple(rows)))
-        return super().decode(rows, tokens, loops)
+    def run(self, plan):
+        self.plans.append(plan)
+        return super().run(plan)
 
 
 def test_chunked_prefill_interleaves_with_decoding_and_changes_nothing(engine_parts):
@@ -128,15 +104,20 @@ def test_chunked_prefill_interleaves_with_decoding_and_changes_nothing(engine_pa
     assert long.tokens() == list(generate_tokens(model, long_ids, 5, 6, GREEDY))
     assert short.tokens() == list(generate_tokens(model, tokenizer.encode("Hi"), 3, 40, GREEDY))
     with torch.inference_mode():
-        whole_nll = ModelRunner(model, max_batch=1).prefill(0, long_ids, 5, prompt_nll=True)[1]
+        logits, _ = model(torch.tensor([long_ids]), 5)
+        whole_nll = float(torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(long_ids[1:])))
     assert ev.prompt_nll == pytest.approx(whole_nll, rel=1e-5)
-    chunks = [i for i, c in enumerate(runner.calls) if c[0] == "prefill" and c[1] == long_req.row]
-    spans = [runner.calls[i][2:] for i in chunks]  # (start, length); the short prompt shares the first turn's 8
+    long_row = next(c.row for p in runner.plans for c in p.prefill if c.start == 0 and c.ids == long_ids[:len(c.ids)])
+    turns = [(i, c) for i, p in enumerate(runner.plans) for c in p.prefill if c.row == long_row]
+    spans = [(c.start, len(c.ids)) for _, c in turns]  # the short prompt shares the first turn's 8 tokens
     assert spans[0][0] == 0 and all(n <= 8 for _, n in spans) and len(spans) >= 4
     assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
     assert spans[-1][0] + spans[-1][1] == len(long_ids)
-    for i in chunks[:-1]:  # after every chunk but the last, the short request's row took its decode step
-        assert runner.calls[i + 1][0] == "decode" and long_req.row not in runner.calls[i + 1][1]
+    # The first turn prefilled both prompts in one forward; from then on every turn that prefilled a chunk of the
+    # long prompt also ran a decode step for the short request.
+    assert {c.row for c in runner.plans[turns[0][0]].prefill} == {0, 1}
+    for i, c in turns[1:]:
+        assert runner.plans[i].rows and c.row not in runner.plans[i].rows
 
 
 def test_stop_string_and_abort(engine_parts):

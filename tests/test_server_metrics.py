@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from loopgpt.model import load_checkpoint
-from loopgpt.server.runner import ModelRunner
+from loopgpt.model import SamplingParams, load_checkpoint
+from loopgpt.model.step import OUT_FIELDS
+from loopgpt.server.runner import ModelRunner, PrefillChunk, Sample, StepPlan
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import free_port, post, running_server
 
@@ -184,8 +185,12 @@ def test_prompt_nll_is_lower_at_max_loops_than_at_one_on_the_demo_checkpoint():
     assert len(prompts) >= 10, "not enough held-out-like prompts"
     runner = ModelRunner(model, max_batch=1)
     with runner.context():
+        def prompt_nll(p: list[int], loops: int) -> float:  # what the engine reports for a request's prompt
+            plan = StepPlan(prefill=[PrefillChunk(0, p, 0, loops, p[1:])], samples=[Sample(0, SamplingParams(0), 0, 0)])
+            return runner.run(plan).result()[0][OUT_FIELDS.index("prompt_nll")] / (len(p) - 1)
+
         def mean_nll(loops: int) -> float:
-            return sum(runner.prefill(0, p, loops, prompt_nll=True)[1] for p in prompts) / len(prompts)
+            return sum(prompt_nll(p, loops) for p in prompts) / len(prompts)
 
         shallow, deep = mean_nll(1), mean_nll(model.config.max_loops)
     assert deep < shallow, f"prompt NLL at {model.config.max_loops} loops {deep:.3f} >= at 1 loop {shallow:.3f}"

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loopgpt.model import KVCache, SamplingParams, TextStream, generate_tokens, load_tokenizer, make_generator
-from loopgpt.model.sampling import filter_logits, sample_row
+from loopgpt.model import KVCache, SamplingParams, TextStream, generate_tokens, load_tokenizer
+from loopgpt.model.sampling import filter_logits, sample, sample_row
 from loopgpt.model.tokenizer import load_tokenizer as load_tok
 
 HARD = ["", "Hello world", "naïve café", "日本語のテキスト", "한국어",
@@ -57,17 +57,62 @@ def test_stop_strings_are_held_back_and_cut(bpe):
     assert stream.stopped and out == "She smiled. "
 
 
+def kept(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> list[bool]:
+    out = filter_logits(logits[None], torch.tensor([top_k]), torch.tensor([top_p]))[0]
+    return torch.isfinite(out).tolist()
+
+
 def test_sampling_filters():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
-    kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_k=2)))
-    assert kept.tolist() == [True, True, False, False, False]
-    kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.5)))
-    assert kept.tolist() == [True, False, False, False, False]  # p(top) = 0.64 already crosses 0.5
-    kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.9)))
-    assert kept.tolist() == [True, True, True, False, False]
-    assert sample_row(logits, SamplingParams(temperature=0)) == 0
+    assert kept(logits, top_k=2) == [True, True, False, False, False]
+    assert kept(logits, top_p=0.5) == [True, False, False, False, False]  # p(top) = 0.64 already crosses 0.5
+    assert kept(logits, top_p=0.9) == [True, True, True, False, False]
+    assert kept(logits, top_k=2, top_p=0.99) == [True, True, False, False, False]
+    assert kept(logits, top_p=1e-300) == [True, False, False, False, False]  # the likeliest token always stays
+    assert sample_row(logits, SamplingParams(temperature=0), 0, 0) == 0
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-6, 0.0])
+def test_a_temperature_below_the_floor_is_greedy(temperature):
+    """Dividing logits by 1e-300 overflows float32 to inf/NaN; below 1e-5 sampling is greedy (vLLM's rule)."""
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    logits = torch.randn(64)
+    assert all(sample_row(logits, params, seed, i) == int(logits.argmax()) for seed in range(3) for i in range(5))
+
+
+def test_sampling_follows_the_distribution():
+    """Counter-based noise: draws over counters 0..N-1 have the softmax's frequencies (chi-square, 7 dof)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n = 20000
+    rows = logits.expand(n, -1)
+    ones = torch.ones(n)
+    tokens = sample(rows, ones, torch.zeros(n, dtype=torch.long), ones, torch.full((n,), 1234),
+                    torch.arange(n))
+    observed = torch.bincount(tokens, minlength=8).double()
+    expected = torch.softmax(logits.double(), -1) * n
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, chi2  # the 0.999 quantile of chi-square with 7 degrees of freedom
+
+
+def test_a_row_samples_the_same_token_whatever_its_batch_mates():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    temp, top_k, top_p = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.9]), torch.tensor([0, 5, 0, 10, 0]), torch.full((5,), 0.95)
+    seed, counter = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 7, 3, 9, 1])
+    batch = sample(logits, temp, top_k, top_p, seed, counter)
+    for i in range(5):
+        alone = sample(logits[i:i + 1], temp[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], seed[i:i + 1], counter[i:i + 1])
+        assert int(alone[0]) == int(batch[i])
+    assert int(batch[2]) == int(logits[2].argmax())
+    # no filter asked for: skipping the filter work must not change a draw
+    plain = sample(logits, temp, torch.zeros(5, dtype=torch.long), torch.ones(5), seed, counter)
+    assert plain.tolist() == sample(logits, temp, torch.zeros(5, dtype=torch.long), torch.ones(5), seed, counter,
+                                    filtered=False).tolist()
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
@@ -79,15 +124,15 @@ def test_same_seed_same_tokens_whatever_the_batch():
     solo = list(generate_tokens(model, prompts[0], loops[0], 12, params, seed=seeds[0]))
     for neighbour_seed in (0, 1):
         cache = KVCache(model.config, 3, max_len=32, loops=6)
-        gens = [make_generator(s if r == 0 else s + neighbour_seed) for r, s in enumerate(seeds)]
+        row_seeds = [s if r == 0 else s + neighbour_seed for r, s in enumerate(seeds)]
         last = []
         with torch.no_grad():
             for r, p in enumerate(prompts):
                 logits, _ = model(torch.tensor([p]), loops[r], kv_cache=cache, rows=torch.tensor([r]))
                 last.append(logits[0, -1])
             out = []
-            for _ in range(12):
-                toks = [sample_row(last[r], params, gens[r]) for r in range(3)]
+            for i in range(12):
+                toks = [sample_row(last[r], params, row_seeds[r], i) for r in range(3)]
                 out.append(toks[0])
                 logits, _ = model(torch.tensor(toks)[:, None], torch.tensor(loops), kv_cache=cache)
                 last = list(logits[:, -1])

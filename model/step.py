@@ -1,0 +1,107 @@
+"""The continuous-depth decode step: ONE outer loop for a batch whose rows stand at different loops.
+
+The stack's weights are the same at every outer loop, so one application of the stack serves rows at
+different loop indices of different tokens. Each running row carries (position, loop index n, hidden
+state, cache row); a step embeds the rows at n = 0 (their token is already on the device), applies one
+loop to every row (each writes and reads its own K/V slots for its own n and uses its own gate a_n),
+and keeps the new hidden state. Rows that just finished their last loop then go through ln_f + head +
+sampling (`head_step`), which writes their next token where the next step's embedding reads it.
+A loops-1 request gets a token every step, a loops-6 one every sixth; nobody waits or is padded in depth.
+
+Everything a step needs from the host (rows, positions, loop indices, sampling parameters) arrives as
+tensors; nothing here reads the device back, so a step can be compiled and captured in a CUDA graph.
+
+    python -m pytest tests/test_step.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .forward import LoopModel, hidden
+from .kv_cache import CacheAccess, KVCache, position_mask
+from .sampling import sample, token_stats
+
+OUT_FIELDS = ("token", "nll", "entropy", "finite", "prompt_nll")  # columns of head_step's output
+
+
+@dataclass
+class StepState:
+    """Device buffers the decode step carries between steps, one entry per cache row."""
+
+    hidden: torch.Tensor  # (R, C) each row's residual stream between its loop iterations
+    tokens: torch.Tensor  # (R,) long: the token each row embeds at its next loop 0
+    prompt_nll: torch.Tensor  # (R,) float32: summed NLL of the prompt tokens scored so far
+
+    @classmethod
+    def allocate(cls, rows: int, n_embd: int, device, dtype: torch.dtype) -> StepState:
+        return cls(torch.zeros(rows, n_embd, device=device, dtype=dtype),
+                   torch.zeros(rows, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.float32, device=device))
+
+
+def decode_step(model: LoopModel, cache: KVCache, state: StepState, rows: torch.Tensor, pos: torch.Tensor,
+                loop: torch.Tensor, ctx: int) -> torch.Tensor:
+    """One loop for each row: rows, pos, loop (B,) long; returns the new hidden states (B, C).
+
+    `ctx` (keys read per row) must exceed every position. Padded batch rows point at a scratch cache row."""
+    x0 = model.embed(state.tokens[rows][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
+    x = torch.where((loop == 0)[:, None, None], x0, state.hidden[rows][:, None])  # (B, 1, C)
+    pos2 = pos[:, None]  # (B, 1)
+    access = CacheAccess(cache, loop, rows, rows, pos2, ctx, position_mask(pos2, ctx))
+    x = model.loop_body(x, loop, access)[:, 0]  # (B, C)
+    state.hidden.index_copy_(0, rows, x)
+    return x
+
+
+def head_step(model: LoopModel, state: StepState, x: torch.Tensor, rows: torch.Tensor,
+              temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+              counter: torch.Tensor, random: bool = True, filtered: bool = True) -> torch.Tensor:
+    """ln_f + head + sampling for hidden states x (Bh, C) of cache rows `rows` (Bh,).
+
+    Writes each sampled token into `state.tokens` and returns float32 (Bh, len(OUT_FIELDS)): the token, its
+    NLL and the entropy under the untempered distribution (fp32), whether every logit was finite (a row
+    whose logits are not fails alone), and the row's prompt NLL sum (read when its prefill completes)."""
+    logits = model.head(x[:, None])[:, 0].float()  # (Bh, V)
+    finite = torch.isfinite(logits).all(dim=-1)
+    logits = torch.where(finite[:, None], logits, 0.0)  # a broken row must not poison its batch mates' math
+    tokens = sample(logits, temperature, top_k, top_p, seed, counter, random, filtered)
+    nll, entropy = token_stats(logits, tokens)
+    state.tokens.index_copy_(0, rows, tokens)
+    prompt_nll = state.prompt_nll[rows]
+    return torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll], dim=-1)
+
+
+def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
+            starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None
+            ) -> torch.Tensor:
+    """Append prompt chunks (several prompts in one padded forward, each at its own depth) to their cache
+    rows; returns each chunk's last hidden state (P, C).
+
+    Padding tokens write their K/V into the `scratch` row. With `targets` (the prompt token each position
+    predicts, one list per chunk, possibly one shorter than the chunk), the teacher-forced NLL of those
+    targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk)."""
+    dev = state.tokens.device
+    P, T = len(chunks), max(len(c) for c in chunks)
+    limit = cache.max_len - 1
+    idx = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (P, T)
+    pos = torch.tensor([[min(s + t, limit) for t in range(T)] for s in starts], device=dev)  # (P, T)
+    write = torch.tensor([[r if t < len(c) else scratch for t in range(T)] for r, c in zip(rows, chunks, strict=True)],
+                         device=dev)  # (P, T)
+    row_t = torch.tensor(rows, device=dev)
+    ctx = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
+    x = hidden(model, idx, loops, cache, row_t, pos, write, ctx)  # (P, T, C)
+    last = x[torch.arange(P, device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]  # (P, C)
+    fresh = [r for r, s in zip(rows, starts, strict=True) if s == 0]
+    if fresh:
+        state.prompt_nll[torch.tensor(fresh, device=dev)] = 0.0
+    if targets is not None and any(targets):
+        # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
+        tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=dev)  # (P, T); -1 is ignored
+        logits = model.head(x).float()  # (P, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
+        state.prompt_nll.index_add_(0, row_t, nll.sum(dim=1))
+    return last
