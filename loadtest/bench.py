@@ -1,9 +1,12 @@
 """`loopgpt bench`: our decode speed against the alternatives, as ratios measured in one process run.
 
-Rows (numbers as in the issue): 1 cached decode vs Hugging Face GPT-2 `generate` on the unrolled
-model vs no-cache decoding; 2 depth-wise mixed-loops batch vs the batch padded to max loops;
-3-4 through the real HTTP server (bench_http.py); 5 onnxruntime vs torch eager; 6 CUDA (skipped
-without a GPU). Same prompt everywhere, one warm-up run excluded, `--reps` repetitions each.
+Rows (numbers as in the issues): 1 the engine's batch-1 decode vs Hugging Face GPT-2 `generate` on the
+unrolled model (and the reference decode loop, and no-cache decoding); 2 a mixed-depth closed loop
+({1,2,4,6}) vs every row at the deepest, at 8, 16 and 32 rows; 3-4 through the real HTTP server
+(bench_http.py); 5 onnxruntime vs torch; 6 CUDA (bench_cuda.py, skipped without a GPU); 7 several prompts
+prefilled in one forward vs one per turn (TTFT); 8 peak memory per --max-batch. Same prompt everywhere,
+one warm-up run excluded, `--reps` repetitions each. "The engine" is `loopgpt serve`'s engine driven
+in-process (`loopgpt.server.inprocess`, handed in by the CLI: loadtest/ imports only model/).
 
     loopgpt bench --checkpoint checkpoints/demo --reps 5 --json bench.json
 """
@@ -13,25 +16,27 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from loopgpt.model import KVCache, LoopGPT, load_checkpoint
+from loopgpt.model import LoopGPT, SamplingParams, generate_tokens, load_checkpoint, resolve_dtype
 
 from .runner import BUILTIN_PROMPTS
 from .timing import Row, interleaved, med, table
 
 MIXED_LOOPS = (1, 2, 4, 6)
+GREEDY = SamplingParams(temperature=0.0)
+NO_ENGINE = "the engine rows need the server extra: pip install 'loopgpt[server]'"
 
 
-@torch.inference_mode()
-def cached_decode(model: LoopGPT, prompt: list[int], loops: int | torch.Tensor, n: int, batch: int = 1) -> None:
-    """Prefill, then n-1 greedy single-token steps with our KV cache (n tokens in all)."""
-    cache = KVCache(model.config, batch, max_len=len(prompt) + n, loops=_deepest(loops))
-    logits, _ = model(torch.tensor([prompt] * batch), loops, kv_cache=cache)
-    for _ in range(n - 1):
-        logits, _ = model(logits[:, -1:].argmax(-1), loops, kv_cache=cache)
+def reference_decode(model: Any, prompt: list[int], loops: int, n: int) -> None:
+    """The reference decode loop (`generate_tokens`: prefill, then one full-depth cached forward per token)."""
+    with torch.inference_mode():
+        got = sum(1 for _ in generate_tokens(model, prompt, loops, n, GREEDY))
+    assert got == n
 
 
 @torch.inference_mode()
@@ -43,10 +48,6 @@ def naive_decode(model: LoopGPT, prompt: list[int], loops: int, n: int) -> None:
         seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
 
 
-def _deepest(loops: int | torch.Tensor) -> int:
-    return int(loops) if isinstance(loops, int) else int(loops.max())
-
-
 def bench_prompt(model: LoopGPT, tokenizer, n: int) -> list[int]:
     """The benchmark prompt: the built-in prompts joined, cut so that prompt + n tokens fit the context."""
     ids = tokenizer.encode(" ".join(BUILTIN_PROMPTS))
@@ -56,14 +57,17 @@ def bench_prompt(model: LoopGPT, tokenizer, n: int) -> list[int]:
     return ids[: min(32, room)]
 
 
-def row_hf(model: LoopGPT, prompt: list[int], n: int, reps: int) -> Row:
-    """Row 1: batch 1 at the trained maximum loops; tokens/s including the prefill, for all three."""
+def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, reps: int) -> Row:
+    """Row 1: batch 1 at the trained maximum loops; tokens/s including the prefill, for every contender."""
     from .hf import to_hf
 
     loops = model.config.max_loops
-    row = Row(1, f"decode batch 1, loops {loops}: cached vs HF generate", "tok/s",
-              "LoopGPT + KVCache, greedy", f"transformers GPT2LMHeadModel.generate (KV cache), "
-              f"{model.config.n_layer * model.config.inner_loops * loops} unrolled layers", target=2.0)
+    row = Row(1, f"decode batch 1, loops {loops}: engine vs HF generate", "tok/s",
+              "loopgpt engine (continuous depth, in-process), greedy", f"transformers GPT2LMHeadModel.generate "
+              f"(KV cache), {model.config.n_layer * model.config.inner_loops * loops} unrolled layers", target=2.5)
+    if engine is None:
+        row.skipped = NO_ENGINE
+        return row
     hf = to_hf(model, loops)
     ids = torch.tensor([prompt])
 
@@ -73,53 +77,97 @@ def row_hf(model: LoopGPT, prompt: list[int], n: int, reps: int) -> Row:
                           do_sample=False, use_cache=True, pad_token_id=model.config.eot_token)
         assert out.shape[1] == len(prompt) + n
 
-    times = interleaved([lambda: cached_decode(model, prompt, loops, n), hf_generate,
-                         lambda: naive_decode(model, prompt, loops, n)], reps)
-    row.ours, row.base, naive = ([n / t for t in ts] for ts in times)
+    eng = engine(model, tokenizer, 1)
+    try:
+        times = interleaved([lambda: eng.generate([(prompt, loops, n)]), hf_generate,
+                             lambda: reference_decode(model, prompt, loops, n),
+                             lambda: naive_decode(model, prompt, loops, n)], reps)
+    finally:
+        eng.close()
+    row.ours, row.base, ref, naive = ([n / t for t in ts] for ts in times)
+    row.extra["reference decode loop (generate_tokens), tok/s"] = f"{med(ref):.3g} [{min(ref):.3g}-{max(ref):.3g}]"
     row.extra["no KV cache (full recompute per token), tok/s"] = f"{med(naive):.3g} [{min(naive):.3g}-{max(naive):.3g}]"
-    row.extra["cached vs no cache"] = f"{med(row.ours) / med(naive):.2f}x"
+    row.extra["engine vs reference loop"] = f"{med(row.ours) / med(ref):.2f}x"
     return row
 
 
-def row_depthwise(model: LoopGPT, prompt: list[int], reps: int, batch: int = 16, steps: int = 16) -> Row:
-    """Row 2: one decode step of a batch whose rows ask for loops 1, 2, 4, 6 (depth-wise) vs all at 6."""
+def row_mixed(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], reps: int, n: int) -> Row:
+    """Row 2: closed loops that keep R rows busy, each new request taking the next loops of {1,2,4,6}, against
+    the same with every request at the deepest. With equal tokens per request the work per token is its
+    loops, so the theoretical gain is max / mean loops (1.85x); continuous depth reaches it when a step costs
+    the same whatever loops its rows stand at."""
     cap = model.config.loop_cap
-    mix = [min(n, cap) for n in MIXED_LOOPS]
-    row_loops = torch.tensor([mix[b % len(mix)] for b in range(batch)])
-    deepest = int(row_loops.max())
-    theory = deepest / float(row_loops.float().mean())
-    row = Row(2, f"mixed loops {mix} at batch {batch}: depth-wise vs padded", "ms/step",
-              "per-row loops tensor (loop n runs only rows with loops > n)", f"whole batch at loops={deepest}",
-              target=1.6, higher_is_better=False, extra={"theory (max / mean loops)": f"{theory:.2f}x"})
-    cache = KVCache(model.config, batch, max_len=len(prompt) + steps + 1, loops=deepest)
-    with torch.inference_mode():
-        model(torch.tensor([prompt] * batch), deepest, kv_cache=cache)
-    token = torch.full((batch, 1), prompt[-1])
-
-    @torch.inference_mode()
-    def decode(loops) -> None:
-        cache.lengths.fill_(len(prompt))  # rewind: every repetition decodes the same positions
-        for _ in range(steps):
-            model(token, loops, kv_cache=cache)
-
-    times = interleaved([lambda: decode(row_loops), lambda: decode(deepest)], reps)
-    row.ours, row.base = ([1000 * t / steps for t in ts] for ts in times)
+    mix = [min(k, cap) for k in MIXED_LOOPS]
+    deep = max(mix)
+    theory = deep / (sum(mix) / len(mix))
+    row = Row(2, f"closed loop, loops {mix} vs all {deep}, 32 rows", "tok/s", f"mixed loops {mix}",
+              f"every request at loops {deep}", target=round(0.9 * theory, 2),
+              extra={"theory (max / mean loops)": f"{theory:.2f}x"})
+    if engine is None:
+        row.skipped = NO_ENGINE
+        return row
+    for rows in (8, 16, 32):
+        eng = engine(model, tokenizer, rows)
+        try:
+            eng.closed_loop(prompt, mix, rows, n, rows)  # warm-up
+            mixed, padded = [], []
+            for _ in range(reps):
+                mixed.append(eng.closed_loop(prompt, mix, rows, n, 4 * rows))
+                padded.append(eng.closed_loop(prompt, [deep], rows, n, 4 * rows))
+        finally:
+            eng.close()
+        gain = med(mixed) / med(padded)
+        row.extra[f"{rows} rows, tok/s"] = (f"{med(mixed):.4g} vs {med(padded):.4g}: {gain:.2f}x "
+                                            f"({gain / theory:.0%} of theory)")
+    row.ours, row.base = mixed, padded
     return row
 
 
 def row_onnx(model: LoopGPT, checkpoint: str, onnx_dir: str | None, prompt: list[int], n: int, reps: int) -> Row:
-    """Row 5: onnxruntime runner vs torch eager, batch 1, cached decode at the trained maximum loops."""
+    """Row 5: onnxruntime runner vs torch eager, batch 1, the reference decode loop at the trained maximum loops."""
     from .bench_onnx import onnx_row
 
-    return onnx_row(model, checkpoint, onnx_dir, prompt, n, reps, cached_decode)
+    return onnx_row(model, checkpoint, onnx_dir, prompt, n, reps, reference_decode)
 
 
-def row_cuda() -> Row:
-    row = Row(6, "CUDA decode, batch 1 and 64, roofline fraction", "tok/s", "-", "-")
-    if not torch.cuda.is_available():
-        row.skipped = "no CUDA device (torch.cuda.is_available() is False)"
-    else:  # written and tested on CPU-only machines so far: no GPU was available to validate a CUDA row
-        row.skipped = "the CUDA row is not implemented yet"
+def row_prefill(model: LoopGPT, tokenizer, engine: Any, reps: int, prompts: int = 8, length: int = 128) -> Row:
+    """Row 7: `prompts` prompts of `length` tokens arrive together: prefilled in one padded forward (the prefill
+    budget covers all) vs one prompt per turn (budget = one prompt). Time until every request has its first token."""
+    length = min(length, model.config.block_size - 2)
+    row = Row(7, f"{prompts} prompts of {length} tokens: batched prefill vs one by one", "s to all first tokens",
+              f"one forward (--prefill-chunk {prompts * length})", f"one prompt per turn (--prefill-chunk {length})",
+              target=1.0, higher_is_better=False)
+    if engine is None:
+        row.skipped = NO_ENGINE
+        return row
+    ids = tokenizer.encode(" ".join(BUILTIN_PROMPTS * 40))
+    specs = [(ids[i * 7:i * 7 + length], model.config.max_loops, 1) for i in range(prompts)]
+    engines = [engine(model, tokenizer, prompts, prefill_chunk=c) for c in (prompts * length, length)]
+    try:
+        row.ours, row.base = interleaved([lambda e=e: e.generate(specs) for e in engines], reps)
+    finally:
+        for e in engines:
+            e.close()
+    return row
+
+
+def row_memory(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int) -> Row:
+    """Row 8: peak resident memory of this process after serving a full batch, per --max-batch, smallest first (CPU;
+    on CUDA row 6 reports max_memory_allocated)."""
+    row = Row(8, "peak memory per --max-batch (RSS of this process)", "MiB", "-", "-")
+    if engine is None:
+        row.skipped = NO_ENGINE
+        return row
+    for rows in (1, 8, 32):
+        eng = engine(model, tokenizer, rows)
+        try:
+            eng.generate([(prompt, model.config.max_loops, n)] * rows)
+            cache = eng.runner.cache
+            kv = 2 * cache.k.numel() * cache.k.element_size()
+        finally:
+            eng.close()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row.extra[f"--max-batch {rows}"] = f"peak RSS so far {peak:.0f} MiB, of which KV cache {kv / 2**20:.1f} MiB"
     return row
 
 
@@ -140,10 +188,11 @@ def machine() -> dict:
 
 
 def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path: str | None,
-              onnx_dir: str | None = None, threads: int = 1) -> int:
-    unknown = rows - {1, 2, 3, 4, 5, 6}
+              onnx_dir: str | None = None, threads: int = 1, dtype: str = "auto", engine: Any = None) -> int:
+    """`engine` is `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
+    unknown = rows - set(range(1, 9))
     if unknown:
-        raise ValueError(f"--rows takes numbers 1..6, got {sorted(unknown)}")
+        raise ValueError(f"--rows takes numbers 1..8, got {sorted(unknown)}")
     if reps < 1 or tokens < 2:
         raise ValueError("--reps must be >= 1 and --tokens >= 2")
     if threads < 1:
@@ -151,22 +200,27 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
     # Every contender gets the same thread count. On a shared machine several intra-op threads
     # fighting other processes for cores makes torch's CPU attention up to 15x slower (measured).
     torch.set_num_threads(threads)
-    model, tokenizer, _ = load_checkpoint(checkpoint)
+    cpu_dtype = resolve_dtype(dtype, "cpu")
+    model, tokenizer, _ = load_checkpoint(checkpoint, dtype=cpu_dtype)
     prompt = bench_prompt(model, tokenizer, tokens)
     info = machine()
     print(f"checkpoint {checkpoint}: {model.num_params():,} parameters, {model.config.n_layer} layers x "
           f"{model.config.inner_loops} inner, trained loops {model.config.max_loops}; prompt {len(prompt)} tokens, "
-          f"{tokens} decoded, {reps} reps; {info['processor']}, torch {info['torch']}, {info['threads']} threads",
-          flush=True)
+          f"{tokens} decoded, {reps} reps; {info['processor']}, torch {info['torch']}, {info['threads']} threads, "
+          f"{str(cpu_dtype).removeprefix('torch.')} on the CPU", flush=True)
     results: list[Row] = []
-    steps = [(1, lambda: row_hf(model, prompt, tokens, reps)), (2, lambda: row_depthwise(model, prompt, reps)),
-             (3, lambda: _http_rows(checkpoint, model, prompt, tokenizer, tokens, reps, rows)),
-             (5, lambda: row_onnx(model, checkpoint, onnx_dir, prompt, tokens, reps)), (6, row_cuda)]
+    steps = [(1, lambda: row_hf(model, tokenizer, engine, prompt, tokens, reps)),
+             (2, lambda: row_mixed(model, tokenizer, engine, prompt, reps, tokens)),
+             (3, lambda: _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine)),
+             (5, lambda: row_onnx(model, checkpoint, onnx_dir, prompt, tokens, reps)),
+             (6, lambda: _cuda_row(engine, reps, tokens, dtype)),
+             (7, lambda: row_prefill(model, tokenizer, engine, reps)),
+             (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens))]
     for number, fn in steps:
         if number in rows or (number == 3 and 4 in rows):
             out = fn()
             results.extend(out if isinstance(out, list) else [out])
-            print(table(results[-1:] if not isinstance(out, list) else out), flush=True)
+            print(table(out if isinstance(out, list) else [out]), flush=True)
     print("\n" + table(results))
     if json_path:
         info["load_average_1m_after"] = os.getloadavg()[0]
@@ -176,7 +230,13 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
     return 0
 
 
-def _http_rows(checkpoint, model, prompt, tokenizer, tokens, reps, rows) -> list[Row]:
+def _cuda_row(engine: Any, reps: int, tokens: int, dtype: str) -> Row:
+    from .bench_cuda import row_cuda
+
+    return row_cuda(engine, reps, tokens, resolve_dtype(dtype, "cuda"))
+
+
+def _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine) -> list[Row]:
     from .bench_http import http_rows
 
-    return http_rows(checkpoint, model, tokenizer.decode(prompt), prompt, tokens, reps, rows)
+    return http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine)

@@ -1,7 +1,7 @@
 """Benchmark rows 3 and 4: the real HTTP server (`loopgpt serve` as a subprocess on 127.0.0.1).
 
 Row 3: aggregate tokens/s with 1, 4, 16 and 32 concurrent streams (one wave of requests each).
-Row 4: one stream over HTTP vs the same decode in-process (`generate_tokens`, the engine's oracle).
+Row 4: one stream over HTTP vs the same engine driven in-process (what HTTP, SSE and JSON cost).
 
     loopgpt bench --checkpoint checkpoints/demo --rows 3,4
 """
@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import torch
-from loopgpt.model import LoopGPT, SamplingParams, generate_tokens
+from loopgpt.model import LoopGPT
 
 from .runner import LoadConfig, run_load
 from .timing import Row, interleaved, med
@@ -43,7 +44,7 @@ def serve(checkpoint: str, max_batch: int, threads: int, timeout: float = 180.0)
     port = free_port()
     cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", "256",
-           "--shutdown-grace", "1", "--log-level", "warning"]
+           "--shutdown-grace", "1", "--log-level", "warning", "--threads", str(threads)]
     # the server gets the same torch thread count as the in-process contenders
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -79,9 +80,10 @@ def wave(url: str, prompt: str, loops: int, streams: int, n: int) -> tuple[float
     return sum(r.tokens for r in records if r.ok) / duration, sum(not r.ok for r in records)
 
 
-def http_rows(checkpoint: str, model: LoopGPT, prompt: str, prompt_ids: list[int], n: int, reps: int,
-              rows: set[int]) -> list[Row]:
-    """Rows 3 and/or 4; `prompt` is the text of `prompt_ids`, sent over HTTP and re-tokenised there."""
+def http_rows(checkpoint: str, model: LoopGPT, tokenizer, prompt_ids: list[int], n: int, reps: int,
+              rows: set[int], engine: Any) -> list[Row]:
+    """Rows 3 and/or 4; the text of `prompt_ids` is sent over HTTP and re-tokenised there."""
+    prompt = tokenizer.decode(prompt_ids)
     loops = model.config.max_loops
     threads = torch.get_num_threads()
     out: list[Row] = []
@@ -90,7 +92,7 @@ def http_rows(checkpoint: str, model: LoopGPT, prompt: str, prompt_ids: list[int
         if 3 in rows:
             out.append(row_streams(url, prompt, loops, n, reps))
         if 4 in rows:
-            out.append(row_http_vs_inprocess(url, model, prompt, prompt_ids, loops, n, reps))
+            out.append(row_http_vs_inprocess(url, model, tokenizer, engine, prompt, prompt_ids, loops, n, reps))
     return out
 
 
@@ -114,11 +116,14 @@ def row_streams(url: str, prompt: str, loops: int, n: int, reps: int) -> Row:
     return row
 
 
-def row_http_vs_inprocess(url: str, model: LoopGPT, prompt: str, prompt_ids: list[int], loops: int, n: int,
-                          reps: int) -> Row:
+def row_http_vs_inprocess(url: str, model: LoopGPT, tokenizer, engine: Any, prompt: str, prompt_ids: list[int],
+                          loops: int, n: int, reps: int) -> Row:
     row = Row(4, f"batch 1, loops {loops}: HTTP streaming vs in-process", "tok/s",
               "loopgpt serve, one SSE stream (client-side wall time)",
-              "generate_tokens in this process (same prompt, greedy, KV cache)", target=0.9)
+              "the same engine in this process (same prompt, greedy)", target=0.9)
+    if engine is None:
+        row.skipped = "the in-process engine needs the server extra: pip install 'loopgpt[server]'"
+        return row
     failed = 0
 
     def over_http() -> None:
@@ -127,15 +132,13 @@ def row_http_vs_inprocess(url: str, model: LoopGPT, prompt: str, prompt_ids: lis
         failed += bad
         http_rates.append(rate)
 
-    def in_process() -> None:
-        with torch.inference_mode():
-            got = sum(1 for _ in generate_tokens(model, prompt_ids, loops, n, SamplingParams(temperature=0.0)))
-        assert got == n
-
     http_rates: list[float] = []
-    times = interleaved([over_http, in_process], reps)
+    eng = engine(model, tokenizer, 1)
+    try:
+        times = interleaved([over_http, lambda: eng.generate([(prompt_ids, loops, n)])], reps)
+    finally:
+        eng.close()
     row.ours = http_rates[-reps:]  # the warm-up round's rate is dropped
     row.base = [n / t for t in times[1]]
     row.extra["failed requests"] = failed
     return row
-

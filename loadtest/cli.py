@@ -70,11 +70,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def add_bench_parser(sub, default_checkpoint: str) -> None:
     p = sub.add_parser("bench", help="throughput/latency ratios against the alternatives, measured in one run")
     p.add_argument("--checkpoint", default=default_checkpoint, help="checkpoint directory")
-    p.add_argument("--rows", default="1,2,3,4,5,6", help="which benchmark rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="which benchmark rows to run (default all)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per repetition (default 64)")
     p.add_argument("--onnx", default=None, help="ONNX export directory for row 5 (default: export it to a temp dir)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every contender (default 1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype for every contender (auto: float32 on the CPU rows, bfloat16 on CUDA)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     p.set_defaults(func=cmd_bench)
 
@@ -85,5 +87,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         rows = {int(r) for r in args.rows.split(",") if r.strip()}
     except ValueError:
-        raise ValueError(f"--rows takes numbers 1..6 separated by commas, got {args.rows!r}") from None
-    return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx, args.threads)
+        raise ValueError(f"--rows takes numbers 1..8 separated by commas, got {args.rows!r}") from None
+    return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx, args.threads, args.dtype,
+                     args.engine)

@@ -93,8 +93,9 @@ def table(rows: list[Row]) -> str:
             lines.append(f"{r.row:>2}  {r.name:<44}  skipped: {r.skipped}")
             continue
         target = f"{r.target:.2f}" if r.target is not None else "-"
-        met = "-" if r.target is None else ("yes" if r.ratio >= r.target else "NO")
-        lines.append(f"{r.row:>2}  {r.name:<44}{cell(r.ours):>26}{cell(r.base):>26}{r.ratio:>8.2f}{target:>8}  {met}")
+        met = "-" if r.target is None or r.ratio is None else ("yes" if r.ratio >= r.target else "NO")
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"  # a row of measurements only (no contenders)
+        lines.append(f"{r.row:>2}  {r.name:<44}{cell(r.ours):>26}{cell(r.base):>26}{ratio:>8}{target:>8}  {met}")
         lines.append(f"{'':>4}{r.unit}: ours = {r.ours_label}; baseline = {r.base_label}")
         for key, value in r.extra.items():
             lines.append(f"{'':>4}{key}: {value}")

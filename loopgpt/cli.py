@@ -135,6 +135,17 @@ def add_loadtest(sub) -> None:
 
     add_loadtest_parser(sub)
     add_bench_parser(sub, default_checkpoint())
+    sub.choices["bench"].set_defaults(engine=inprocess_engine())
+
+
+def inprocess_engine():
+    """The serving engine driven in-process, for `loopgpt bench` (loadtest/ does not import server/); None when the
+    server extra is missing (its rows then say so)."""
+    try:
+        from loopgpt.server.inprocess import InProcess
+    except ImportError:
+        return None
+    return InProcess
 
 
 MISSING: dict[str, str] = {}  # subcommand -> why it cannot run here (an extra is not installed)

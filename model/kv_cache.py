@@ -60,29 +60,21 @@ class KVCache:
 
         `slot` is one slot for the whole batch, or one per batch row ((B,) tensor)."""
         rows = rows[:, None] if rows.dim() == 1 else rows  # (B, 1) or (B, T)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D)
-        if isinstance(slot, int):
-            self.k[slot][rows, :, pos] = k  # index (B, T) + (H, D)
-            self.v[slot][rows, :, pos] = v
-        else:
-            flat = slot[:, None] * self.batch_size + rows  # (B, T) index into (S * R)
-            self.k.view(-1, *self.k.shape[2:])[flat, :, pos] = k
-            self.v.view(-1, *self.v.shape[2:])[flat, :, pos] = v
+        slot = slot if isinstance(slot, int) else slot[:, None]  # broadcasts with rows and pos
+        # One index_put on the whole buffer (not on a view of it): torch.compile then updates it in place.
+        self.k[slot, rows, :, pos] = k.transpose(1, 2)  # index (B, T) + (H, D)
+        self.v[slot, rows, :, pos] = v.transpose(1, 2)
 
     def read(self, slot: int | torch.Tensor, rows: torch.Tensor | slice,
              length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `length` positions of `rows`: (B, H, length, D) each.
 
         With one slot and `rows` a slice (see `row_index`) the result is a view, with no gather copy;
-        with one slot per row ((B,) tensor) it is one gather over the flattened (slot, row) axis."""
+        with one slot per row ((B,) tensor) it is one gather of each row's own slot."""
         if isinstance(slot, int):
             return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start, rows.stop, device=slot.device)
-        flat = slot * self.batch_size + rows  # (B,)
-        k = self.k.view(-1, *self.k.shape[2:])[:, :, :length]  # (S * R, H, length, D), a view
-        v = self.v.view(-1, *self.v.shape[2:])[:, :, :length]
-        return k.index_select(0, flat), v.index_select(0, flat)
+        assert isinstance(rows, torch.Tensor), "per-row slots need the rows as a tensor"
+        return self.k[slot, rows, :, :length], self.v[slot, rows, :, :length]
 
     @staticmethod
     def row_index(rows: torch.Tensor) -> torch.Tensor | slice:

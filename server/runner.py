@@ -121,7 +121,7 @@ class Pending:
     event: Any = None  # torch.cuda.Event, or None when the copy was synchronous
 
     def result(self) -> list[list[float]]:
-        if self.event is not None:
+        if self.event is not None and not self.event.query():
             self.event.synchronize()
         return self.host[: self.n].tolist()
 
@@ -153,6 +153,9 @@ class ModelRunner:
         # Two host slots, alternated per step: a slot is rewritten only after its previous copy completed.
         self.h_long = [torch.zeros(7, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.h_float = [torch.zeros(2, max_batch, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        # numpy views of the same memory: filling them from Python lists costs a microsecond, a torch.tensor() ten
+        self.np_long = [h.numpy() for h in self.h_long]
+        self.np_float = [h.numpy() for h in self.h_float]
         self.h_out = [torch.zeros(max_batch, len(OUT_FIELDS), pin_memory=pin) for _ in range(2)]
         self.d_long = torch.zeros(7, max_batch, dtype=torch.long, device=self.device)
         self.d_float = torch.zeros(2, max_batch, dtype=torch.float32, device=self.device)
@@ -175,8 +178,9 @@ class ModelRunner:
         """Launch a plan's prefills, decode step and sampling; the sampled tokens arrive through `Pending`."""
         slot = self.turn % 2
         self.turn += 1
-        if self.slot_done[slot] is not None:  # two steps old: long done, unless the host runs far ahead
-            self.slot_done[slot].synchronize()
+        done = self.slot_done[slot]
+        if done is not None and not done.query():  # two steps old: long done, unless the host runs far ahead
+            done.synchronize()
         try:
             return self._run(plan, slot)
         finally:
@@ -190,11 +194,11 @@ class ModelRunner:
         if plan.rows:
             B = pad_to(len(plan.rows), self.sizes)
             ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
-            h = self.h_long[slot]
+            h = self.np_long[slot]
             self._fill(h[ROWS], plan.rows, B, self.scratch)
             self._fill(h[POS], plan.pos, B, 0)
             self._fill(h[LOOP], plan.loop, B, 0)
-            self.d_long[:LOOP + 1, :B].copy_(h[:LOOP + 1, :B], non_blocking=True)
+            self.d_long[:LOOP + 1, :B].copy_(self.h_long[slot][:LOOP + 1, :B], non_blocking=True)
             self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
         if not plan.samples:
             return None
@@ -211,15 +215,15 @@ class ModelRunner:
     def _sample(self, samples: list[Sample], slot: int) -> Pending:
         n = len(samples)
         Bh = pad_to(n, self.sizes)
-        h, f = self.h_long[slot], self.h_float[slot]
+        h, f = self.np_long[slot], self.np_float[slot]
         self._fill(h[HEAD_ROWS], [s.row for s in samples], Bh, self.scratch)
         self._fill(h[SEED], [s.seed for s in samples], Bh, 0)
         self._fill(h[COUNTER], [s.counter for s in samples], Bh, 0)
         self._fill(h[TOP_K], [s.params.top_k for s in samples], Bh, 0)
         self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
         self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
-        self.d_long[HEAD_ROWS:, :Bh].copy_(h[HEAD_ROWS:, :Bh], non_blocking=True)
-        self.d_float[:, :Bh].copy_(f[:, :Bh], non_blocking=True)
+        self.d_long[HEAD_ROWS:, :Bh].copy_(self.h_long[slot][HEAD_ROWS:, :Bh], non_blocking=True)
+        self.d_float[:, :Bh].copy_(self.h_float[slot][:, :Bh], non_blocking=True)
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         self._replay(("head", Bh, random, filtered), lambda: self._head(Bh, random, filtered))
@@ -232,9 +236,10 @@ class ModelRunner:
         return Pending(out, n, event)
 
     @staticmethod
-    def _fill(dst: torch.Tensor, values: list, size: int, pad) -> None:
+    def _fill(dst, values: list, size: int, pad) -> None:
+        """Write `values` then padding up to `size` into a row of a host buffer (numpy view)."""
         n = len(values)
-        dst[:n] = torch.tensor(values, dtype=dst.dtype)
+        dst[:n] = values
         dst[n:size] = pad
 
     def _decode_fn(self, B: int, ctx: int) -> None:

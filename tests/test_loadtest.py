@@ -271,18 +271,20 @@ def test_loadtest_against_the_real_server(real_server, endpoint):
             assert len(r.itls) <= r.tokens - 1
 
 
-def test_bench_rows_1_and_2_write_ratios(tiny_checkpoint, tmp_path, capsys):
+def test_bench_engine_rows_write_ratios(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,2,6", "--reps", "2", "--tokens", "6",
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,2,6,7,8", "--reps", "2", "--tokens", "6",
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
-    assert set(rows) == {1, 2, 6} and data["tokens"] == 6 and data["machine"]["threads"] == 1
-    for n in (1, 2):
+    assert set(rows) == {1, 2, 6, 7, 8} and data["tokens"] == 6 and data["machine"]["threads"] == 1
+    for n in (1, 2, 7):
         assert len(rows[n]["ours"]) == len(rows[n]["base"]) == 2 and rows[n]["ratio"] > 0
         ours, base = rows[n]["ours_median"], rows[n]["base_median"]
-        assert rows[n]["ratio"] == pytest.approx(ours / base if n == 1 else base / ours)  # >1 always means faster
+        assert rows[n]["ratio"] == pytest.approx(base / ours if n == 7 else ours / base)  # >1 always means faster
     assert "no KV cache" in " ".join(rows[1]["extra"]) and rows[6]["skipped"]
+    assert {"8 rows, tok/s", "16 rows, tok/s", "32 rows, tok/s"} <= set(rows[2]["extra"])
+    assert len(rows[8]["extra"]) == 3
     assert "decode batch 1" in capsys.readouterr().out
 
 
@@ -301,4 +303,4 @@ def test_bench_bad_rows_is_one_sentence(tiny_checkpoint, capsys):
     assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,x"]) == 2
     assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "9"]) == 2
     err = capsys.readouterr().err
-    assert "--rows takes numbers 1..6" in err and err.count("\n") == 2
+    assert "--rows takes numbers 1..8" in err and err.count("\n") == 2
