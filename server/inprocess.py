@@ -47,9 +47,9 @@ class InProcess:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, max_batch: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False, cuda_graphs: bool = False,
-                 prefill_chunk: int = 128):
+                 prefill_chunk: int = 128, max_loops: int | None = None):
         self.runner = ModelRunner(model, max_batch, device=device, dtype=dtype, compile=compile,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs, max_loops=max_loops)
         if compile or cuda_graphs:
             with self.runner.context():
                 self.runner.warmup()

@@ -135,7 +135,7 @@ class ModelRunner:
     """Owns the model, one preallocated KV cache of `max_batch` rows (+1 scratch row) and the step buffers."""
 
     def __init__(self, model: Any, max_batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 compile: bool = False, cuda_graphs: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False, max_loops: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -145,7 +145,8 @@ class ModelRunner:
         self.scratch = max_batch  # padded batch rows read and write this cache row; nothing else does
         if cuda_graphs and self.device.type != "cuda":
             raise BackendError("--cuda-graphs needs a CUDA device (--device cuda)")
-        self.cache = KVCache(self.config, max_batch + 1, device=self.device, dtype=dtype)
+        # K/V slots for loops up to `max_loops` (default: the checkpoint's loop_cap); deeper requests are refused
+        self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
         self.state = StepState.allocate(max_batch + 1, self.config.n_embd, self.device, dtype)
         self.sizes = buckets(max_batch)
         self.cuda = self.device.type == "cuda"
