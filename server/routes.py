@@ -103,7 +103,19 @@ async def collect(state, req, queue, http: HTTPRequest) -> tuple[str, FinishEven
         final = ev if isinstance(ev, FinishEvent) else None
     if final is None:  # the client left; nobody reads this
         raise APIError(499, "client disconnected")
+    if final.finish_reason == "error":
+        raise generation_failed(final)
     return "".join(text), final
+
+
+def generation_failed(ev: FinishEvent) -> APIError:
+    """This request alone failed inside the engine (its batch mates went on): a 500 in OpenAI's shape."""
+    return APIError(500, ev.error or "generation failed", code="generation_failed")
+
+
+def error_event(state, ev: FinishEvent) -> dict:
+    """The SSE event that ends a stream whose request failed in the engine (sent before [DONE])."""
+    return {"data": state.dumps(generation_failed(ev).body())}
 
 
 @router.post("/generate")
@@ -114,6 +126,8 @@ async def generate(http: HTTPRequest):
             async for ev in events(state, req, queue, None):
                 if isinstance(ev, TokenEvent):
                     yield {"data": state.dumps({"text": ev.text, "token_id": ev.token_id, "index": ev.index})}
+                elif ev.finish_reason == "error":
+                    yield error_event(state, ev)
                 else:
                     yield {"data": state.dumps({"text": ev.text, **summary(ev, req.loops)})}
             yield {"data": "[DONE]"}
@@ -131,6 +145,9 @@ async def completions(http: HTTPRequest):
     if body.stream:
         async def stream() -> AsyncIterator[dict]:
             async for ev in events(state, req, queue, None):
+                if isinstance(ev, FinishEvent) and ev.finish_reason == "error":
+                    yield error_event(state, ev)
+                    break
                 choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": None}
                 extra: dict = {"usage": None} if include_usage else {}
                 if isinstance(ev, FinishEvent):

@@ -166,8 +166,10 @@ class ModelRunner:
         self.graphs: dict[tuple, Any] = {}
         self.pool = None
         self.cuda_graphs = cuda_graphs
-        self._decode = torch.compile(self._decode_fn, dynamic=not self.cuda) if compile else self._decode_fn
-        self._head = torch.compile(self._head_fn, dynamic=not self.cuda) if compile else self._head_fn
+        # dynamic: one compiled kernel set serves every batch and context bucket (a static compile per bucket
+        # would mean dozens of compiles at start-up); CUDA graphs then freeze each bucket's shapes
+        self._decode = torch.compile(self._decode_fn, dynamic=True) if compile else self._decode_fn
+        self._head = torch.compile(self._head_fn, dynamic=True) if compile else self._head_fn
 
     def context(self) -> contextlib.AbstractContextManager:
         """Entered once by the engine thread around its whole loop (inference mode is per thread)."""
@@ -192,39 +194,29 @@ class ModelRunner:
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         if plan.prefill:
             self._prefill(plan.prefill)
-        if plan.rows:
-            B = pad_to(len(plan.rows), self.sizes)
-            ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
-            h = self.np_long[slot]
+        h, f = self.np_long[slot], self.np_float[slot]
+        B = pad_to(len(plan.rows), self.sizes) if plan.rows else 0
+        if B:
             self._fill(h[ROWS], plan.rows, B, self.scratch)
             self._fill(h[POS], plan.pos, B, 0)
             self._fill(h[LOOP], plan.loop, B, 0)
-            self.d_long[:LOOP + 1, :B].copy_(self.h_long[slot][:LOOP + 1, :B], non_blocking=True)
+        samples = plan.samples
+        Bh = pad_to(len(samples), self.sizes) if samples else 0
+        if Bh:
+            self._fill(h[HEAD_ROWS], [s.row for s in samples], Bh, self.scratch)
+            self._fill(h[SEED], [s.seed for s in samples], Bh, 0)
+            self._fill(h[COUNTER], [s.counter for s in samples], Bh, 0)
+            self._fill(h[TOP_K], [s.params.top_k for s in samples], Bh, 0)
+            self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
+            self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
+        # Whole buffers, contiguous and pinned: truly asynchronous copies (a strided one would be staged by the host).
+        self.d_long.copy_(self.h_long[slot], non_blocking=True)
+        self.d_float.copy_(self.h_float[slot], non_blocking=True)
+        if B:
+            ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
             self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
-        if not plan.samples:
+        if not Bh:
             return None
-        return self._sample(plan.samples, slot)
-
-    def _prefill(self, chunks: list[PrefillChunk]) -> None:
-        targets = [c.targets or [] for c in chunks] if any(c.targets for c in chunks) else None
-        rows = [c.row for c in chunks]
-        last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in chunks], [c.start for c in chunks],
-                       [c.loops for c in chunks], self.scratch, targets)
-        # A completed prompt is sampled from its last hidden state like any row after its last loop.
-        self.state.hidden[torch.tensor(rows, device=self.device)] = last.to(self.state.hidden.dtype)
-
-    def _sample(self, samples: list[Sample], slot: int) -> Pending:
-        n = len(samples)
-        Bh = pad_to(n, self.sizes)
-        h, f = self.np_long[slot], self.np_float[slot]
-        self._fill(h[HEAD_ROWS], [s.row for s in samples], Bh, self.scratch)
-        self._fill(h[SEED], [s.seed for s in samples], Bh, 0)
-        self._fill(h[COUNTER], [s.counter for s in samples], Bh, 0)
-        self._fill(h[TOP_K], [s.params.top_k for s in samples], Bh, 0)
-        self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
-        self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
-        self.d_long[HEAD_ROWS:, :Bh].copy_(self.h_long[slot][HEAD_ROWS:, :Bh], non_blocking=True)
-        self.d_float[:, :Bh].copy_(self.h_float[slot][:, :Bh], non_blocking=True)
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         self._replay(("head", Bh, random, filtered), lambda: self._head(Bh, random, filtered))
@@ -234,7 +226,15 @@ class ModelRunner:
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        return Pending(out, n, event)
+        return Pending(out, len(samples), event)
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        targets = [c.targets or [] for c in chunks] if any(c.targets for c in chunks) else None
+        rows = [c.row for c in chunks]
+        last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in chunks], [c.start for c in chunks],
+                       [c.loops for c in chunks], self.scratch, targets)
+        # A completed prompt is sampled from its last hidden state like any row after its last loop.
+        self.state.hidden[torch.tensor(rows, device=self.device)] = last.to(self.state.hidden.dtype)
 
     @staticmethod
     def _fill(dst, values: list, size: int, pad) -> None:

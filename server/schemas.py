@@ -28,7 +28,7 @@ class APIError(Exception):
     @property
     def type(self) -> str:
         return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "service_unavailable"}.get(self.status, "invalid_request_error")
+                500: "server_error", 503: "service_unavailable"}.get(self.status, "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

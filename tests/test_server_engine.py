@@ -196,3 +196,62 @@ def test_onnx_runner_plugs_into_the_engine(tiny_checkpoint, tmp_path, engine_par
             assert c.tokens() == list(generate_tokens(model, tokenizer.encode(prompt), loops, 12, GREEDY))
     finally:
         engine.stop()
+
+
+class Poisoning(ModelRunner):
+    """A real runner with faults injected: the hidden state of one cache row turns NaN at a given turn (a row's own
+    numerical failure), or one whole turn raises (a failing forward)."""
+
+    def __init__(self, *args, poison_turn: int = -1, fail_turn: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.victim_row: int | None = None
+        self.poison_turn, self.fail_turn = poison_turn, fail_turn
+
+    def run(self, plan):
+        if self.turn == self.fail_turn:
+            self.turn += 1
+            raise RuntimeError("injected: the batch forward failed")
+        if self.turn == self.poison_turn and self.victim_row is not None:
+            self.state.hidden[self.victim_row] = float("nan")
+        return super().run(plan)
+
+
+def test_a_failing_row_ends_alone_and_its_batch_mates_finish_unchanged(engine_parts):
+    model, tokenizer = engine_parts
+    runner = Poisoning(model, max_batch=5, poison_turn=12)
+    engine = Engine(runner, tokenizer)
+    specs = [("Once upon a time", 1, 20), ("She loved to play", 3, 10), ("The end.", 4, 8), ("Lily ran", 2, 12)]
+    victim = Collector()
+    engine.start()
+    try:
+        with engine.cond:  # everyone admitted together; the victim (last) gets row 0
+            collectors = []
+            for prompt, loops, n in specs:
+                collectors.append(Collector())
+                engine.submit(Request(tokenizer.encode(prompt), loops, n, GREEDY, emit=collectors[-1], eos_token=-1))
+            engine.submit(Request(tokenizer.encode("Her mom smiled"), 2, 30, GREEDY, emit=victim, eos_token=-1))
+            runner.victim_row = 0
+        ev = victim.finish()
+        assert ev.finish_reason == "error" and "non-finite logits" in ev.error and ev.completion_tokens < 30
+        for (prompt, loops, n), c in zip(specs, collectors, strict=True):
+            assert c.finish().finish_reason == "length"
+            assert c.tokens() == list(generate_tokens(model, tokenizer.encode(prompt), loops, n, GREEDY))
+    finally:
+        engine.stop()
+
+
+def test_a_failing_forward_aborts_its_batch_and_the_engine_goes_on(engine_parts):
+    model, tokenizer = engine_parts
+    engine = Engine(Poisoning(model, max_batch=2, fail_turn=5), tokenizer)
+    engine.start()
+    try:
+        ids = tokenizer.encode("Once upon a time")
+        first = Collector()
+        engine.submit(Request(ids, 3, 20, GREEDY, emit=first, eos_token=-1))
+        assert first.finish().finish_reason == "abort"
+        after = Collector()
+        engine.submit(Request(ids, 3, 6, GREEDY, emit=after, eos_token=-1))
+        assert after.finish().finish_reason == "length"
+        assert after.tokens() == list(generate_tokens(model, ids, 3, 6, GREEDY))
+    finally:
+        engine.stop()

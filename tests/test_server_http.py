@@ -220,3 +220,31 @@ def test_disconnect_frees_the_row_and_queue_full_is_429(tmp_path_factory, bpe):
         assert aborted == 2
         assert metric_value(url, "loopgpt_requests_total", endpoint="generate", loops="16", code="429") == 1
         assert post(url, "/generate", {**body, "max_tokens": 3, "stream": False}).status_code == 200
+
+
+@pytest.mark.parametrize("poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}])
+def test_extreme_sampling_values_hurt_nobody(server, oracle, poison):
+    """A temperature or top_p of 1e-300 (once: sampling raised, the engine aborted the whole batch) beside four
+    running streams: it is served (1e-300 is greedy; top_p keeps the likeliest token) and the four finish
+    with the tokens they get alone."""
+    url, _ = server
+    specs = [("Once upon a time", 1, 24), ("She loved to play", 3, 16), ("Lily ran", 2, 20), ("The ball", 4, 12)]
+
+    async def one(client, body):
+        async with client.stream("POST", f"{url}/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            return list(sse_events([line async for line in r.aiter_lines()]))
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            streams = [one(client, {"prompt": p, "loops": n, "max_tokens": m, **GREEDY}) for p, n, m in specs]
+            poisoned = one(client, {"prompt": "hi", "max_tokens": 4, "loops": 2, **poison})
+            return await asyncio.gather(*streams, poisoned)
+
+    *results, poisoned = asyncio.run(main())
+    assert poisoned[-2]["finish_reason"] in ("stop", "length") and "error" not in poisoned[-2]
+    if poison["temperature"] < 1e-5:  # greedy, so it must equal the greedy text
+        assert "".join(e["text"] for e in poisoned[:-1]) == oracle("hi", 2, 4)[0]
+    for (prompt, loops, n), events in zip(specs, results, strict=True):
+        assert events[-2]["finish_reason"] in ("stop", "length")
+        assert ("".join(e["text"] for e in events[:-1]), events[-2]["finish_reason"]) == oracle(prompt, loops, n)
