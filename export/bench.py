@@ -13,26 +13,24 @@ import statistics
 import time
 
 import torch
-from loopgpt.model import KVCache, load_checkpoint
+from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
 
 from .runtime import load_onnx
 
 
 @torch.inference_mode()
 def decode_tokens_per_s(model, loops: int, prompt_len: int = 16, tokens: int = 64, repeats: int = 3) -> float:
-    """Median over `repeats` of greedy decode tokens/s after a `prompt_len` prefill (prefill not timed)."""
+    """Median over `repeats` of greedy tokens/s of the reference decode loop (`generate_tokens`, prefill
+    included) after one untimed warm-up run."""
     cfg = model.config
     if prompt_len + tokens > cfg.block_size:
         raise ValueError(f"prompt_len + tokens ({prompt_len + tokens}) exceeds the context of {cfg.block_size}")
+    prompt = [t % cfg.vocab_size for t in range(prompt_len)]
     rates = []
     for r in range(repeats + 1):  # the first run warms up allocators and thread pools, and is dropped
-        cache = KVCache(cfg, 1, max_len=prompt_len + tokens, loops=loops)
-        idx = torch.arange(prompt_len)[None] % cfg.vocab_size  # (1, T)
-        logits, _ = model(idx, loops, kv_cache=cache)
         start = time.perf_counter()
-        for _ in range(tokens):
-            token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-            logits, _ = model(token, loops, kv_cache=cache)
+        got = sum(1 for _ in generate_tokens(model, prompt, loops, tokens, SamplingParams(temperature=0.0)))
+        assert got == tokens
         if r:
             rates.append(tokens / (time.perf_counter() - start))
     return statistics.median(rates)

@@ -30,14 +30,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loopgpt.model import SamplingParams, generate_text, load_checkpoint, resolve_device
+    from loopgpt.model import SamplingParams, generate_text, load_checkpoint, resolve_device, resolve_dtype
 
     if args.backend == "onnx":
         from loopgpt.export import load_onnx
 
         model, tokenizer, _ = load_onnx(args.checkpoint)
     else:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+        device = resolve_device(args.device)
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device))
     loops = args.loops or model.config.max_loops
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sys.stdout.write(args.prompt)
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--loops", type=int, default=None, help="outer loops (default: the trained maximum)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a CUDA device that supports it, else float32")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="onnx: --checkpoint is a `loopgpt export onnx` directory")
     add_sampling_args(p)

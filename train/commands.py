@@ -56,6 +56,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--plot", default=None, help="write a quality-vs-loops PNG here")
     p.add_argument("--write-eval", action="store_true", help="store the results as the checkpoint's eval.json")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default float32; the loss is always summed in float32)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -96,12 +99,13 @@ def parse_loops(text: str | None, max_loops: int, cap: int) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loopgpt.model import load_checkpoint
+    from loopgpt.model import load_checkpoint, resolve_device, resolve_dtype
 
     from .evaluate import evaluate_loops, load_tokens
     from .plots import plot_quality
 
-    model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device))
     loops = parse_loops(args.loops, model.config.max_loops, model.config.loop_cap)
     ids = load_tokens(args.data, tokenizer, args.max_tokens)
     results = {"data": str(args.data), "context": args.context or model.config.block_size,
