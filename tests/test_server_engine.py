@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
 from loopgpt.server.engine import Engine, FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
+from loopgpt.server.inprocess import InProcess
 from loopgpt.server.runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -255,3 +257,24 @@ def test_a_failing_forward_aborts_its_batch_and_the_engine_goes_on(engine_parts)
         assert after.tokens() == list(generate_tokens(model, ids, 3, 6, GREEDY))
     finally:
         engine.stop()
+
+
+DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
+
+
+@pytest.mark.slow  # compiling the step takes a while on two cores
+def test_compiled_step_gives_eager_greedy_tokens_on_the_demo():
+    """--compile (torch.compile of the decode step and the head) on the CPU: the demo's greedy tokens at loops
+    1..max, all in one mixed batch, equal eager's."""
+    model, tokenizer, _ = load_checkpoint(DEMO)
+    prompts = ["Once upon a time", "She loved to play", "The little dog", "Lily ran", "Mom said", "One day"]
+    specs = [(tokenizer.encode(prompts[n - 1]), n, 16) for n in range(1, model.config.max_loops + 1)]
+    out = []
+    for compile in (False, True):
+        engine = InProcess(model, tokenizer, 8, compile=compile)
+        try:
+            out.append(engine.generate(specs)[0])
+        finally:
+            engine.close()
+    assert out[1] == out[0]
+    assert all(len(tokens) == 16 for tokens in out[1])
