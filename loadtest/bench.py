@@ -4,7 +4,8 @@ Rows (numbers as in the issues): 1 the engine's batch-1 decode vs Hugging Face G
 unrolled model (and the reference decode loop, and no-cache decoding); 2 a mixed-depth closed loop
 ({1,2,4,6}) vs every row at the deepest, at 8, 16 and 32 rows; 3-4 through the real HTTP server
 (bench_http.py); 5 onnxruntime vs torch; 6 CUDA (bench_cuda.py, skipped without a GPU); 7 several prompts
-prefilled in one forward vs one per turn (TTFT); 8 peak memory per --max-batch. Same prompt everywhere,
+prefilled in one forward vs one per turn (TTFT); 8 peak memory per --max-batch; 9 self-speculative decoding
+vs plain (batch 1 per draft depth, then growing batches). Same prompt everywhere,
 one warm-up run excluded, `--reps` repetitions each. "The engine" is `loopgpt serve`'s engine driven
 in-process (`loopgpt.server.inprocess`, handed in by the CLI: loadtest/ imports only model/).
 
@@ -171,6 +172,49 @@ def row_memory(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int
     return row
 
 
+def row_speculative(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], reps: int, n: int) -> Row:
+    """Row 9: self-speculative decoding (drafts from the request's own first k loops) vs plain, same engine, greedy:
+    batch 1 per k (acceptance rate, tokens/s, identical output), then `auto` and the best fixed k at growing
+    batch sizes, to find where drafting stops paying (auto pauses drafting beyond `spec_batch_limit` tokens)."""
+    from loopgpt.server.speculation import SpecRequest
+
+    loops = model.config.max_loops
+    row = Row(9, f"decode batch 1, loops {loops}: self-speculative (auto) vs plain", "tok/s", "speculative auto",
+              "plain continuous depth", target=1.5)
+    if engine is None or loops < 2:
+        row.skipped = NO_ENGINE if engine is None else "a checkpoint trained for one loop cannot draft from fewer"
+        return row
+    eng = engine(model, tokenizer, 32, lanes_per_row=4)
+    try:
+        def rate(batch: int, spec: Any) -> float:
+            tokens, seconds = eng.generate([(prompt, loops, n)] * batch, speculative=spec)
+            outputs.setdefault(batch, []).append(tokens[0])
+            return batch * n / seconds
+
+        outputs: dict[int, list] = {}
+        auto = SpecRequest(auto=True)
+        times = interleaved([lambda: rate(1, auto), lambda: rate(1, None)], reps)
+        row.ours, row.base = ([n / t for t in ts] for ts in times)
+        best, best_rate = 1, 0.0
+        for k in range(1, loops):
+            fixed = SpecRequest(draft_loops=k, tokens=3)
+            before = list(eng.engine.drafts)
+            got = [rate(1, fixed) for _ in range(reps)]
+            verified, accepted = (a - b for a, b in zip(eng.engine.drafts, before, strict=True))
+            share = accepted / max(verified, 1)
+            row.extra[f"k={k}: tok/s, drafts accepted"] = f"{med(got):.4g}, {accepted}/{verified} ({share:.0%})"
+            best, best_rate = (k, med(got)) if med(got) > best_rate else (best, best_rate)
+        row.extra["greedy output identical to plain"] = "yes" if all(o == outputs[1][0] for o in outputs[1]) else "NO"
+        for batch in (4, 8, 16, 32):
+            spec, plain = (med(x) for x in zip(*[(rate(batch, SpecRequest(draft_loops=best, tokens=3)),
+                                                  rate(batch, None)) for _ in range(reps)], strict=True))
+            row.extra[f"batch {batch}: k={best} vs plain, tok/s"] = f"{spec:.4g} vs {plain:.4g} ({spec / plain:.2f}x)"
+        row.extra["auto pauses drafting at (tokens in flight)"] = eng.engine.spec_batch_limit
+    finally:
+        eng.close()
+    return row
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -190,9 +234,9 @@ def machine() -> dict:
 def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path: str | None,
               onnx_dir: str | None = None, threads: int = 1, dtype: str = "auto", engine: Any = None) -> int:
     """`engine` is `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
-    unknown = rows - set(range(1, 9))
+    unknown = rows - set(range(1, 10))
     if unknown:
-        raise ValueError(f"--rows takes numbers 1..8, got {sorted(unknown)}")
+        raise ValueError(f"--rows takes numbers 1..9, got {sorted(unknown)}")
     if reps < 1 or tokens < 2:
         raise ValueError("--reps must be >= 1 and --tokens >= 2")
     if threads < 1:
@@ -215,7 +259,8 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
              (5, lambda: row_onnx(model, checkpoint, onnx_dir, prompt, tokens, reps)),
              (6, lambda: _cuda_row(engine, reps, tokens, dtype)),
              (7, lambda: row_prefill(model, tokenizer, engine, reps)),
-             (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens))]
+             (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens)),
+             (9, lambda: row_speculative(model, tokenizer, engine, prompt, reps, tokens))]
     for number, fn in steps:
         if number in rows or (number == 3 and 4 in rows):
             out = fn()

@@ -64,8 +64,14 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, V) float32 in (0, 1), a pure function of (seed (B,), counter (B,), vocabulary id)."""
+# Noise streams: independent draws for the same (seed, token index). Plain sampling uses TARGET only;
+# self-speculative decoding also draws its draft, its acceptance test and its resample from their own streams.
+TARGET, DRAFT, ACCEPT, RESIDUAL = range(4)
+
+
+def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int, stream: int = TARGET) -> torch.Tensor:
+    """(B, V) float32 in (0, 1), a pure function of (seed (B,), counter (B,), stream, vocabulary id)."""
+    counter = (counter & 0x3FFFFFFF) + (stream << 30)  # token indices stay far below 2**30
     key = _hash32(seed & _M32 ^ _hash32((seed >> 32) & _M32 ^ _hash32(counter & _M32)))  # (B,)
     ids = torch.arange(vocab, device=seed.device, dtype=torch.long)
     h = _hash32((key[:, None] + _mul32(ids, 0x9E3779B1)[None, :]) & _M32)  # (B, V)
@@ -87,22 +93,55 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(logits < torch.maximum(kth, cut), float("-inf"))
 
 
+def tempered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+             filtered: bool = True) -> torch.Tensor:
+    """float32 logits (B, V) divided by each row's temperature (greedy rows: by 1) and filtered."""
+    t = torch.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits.float() / t
+    return filter_logits(scaled, top_k, top_p) if filtered else scaled
+
+
+def draw(scaled: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, stream: int = TARGET) -> torch.Tensor:
+    """One token per row from softmax(scaled) (B, V): Gumbel-max with counter-based noise."""
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, scaled.shape[-1], stream)))
+    return (scaled + gumbel).argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seed: torch.Tensor, counter: torch.Tensor, random: bool = True, filtered: bool = True) -> torch.Tensor:
+           seed: torch.Tensor, counter: torch.Tensor, random: bool = True, filtered: bool = True,
+           stream: int = TARGET) -> torch.Tensor:
     """One token per row of logits (B, V): argmax where temperature is 0, else a draw from the tempered,
-    filtered distribution (Gumbel-max with counter-based noise). `random`/`filtered` False skip the work no
-    row needs (all greedy / no top-k or top-p); they must not change the result."""
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
+    filtered distribution. `random`/`filtered` False skip the work no row needs (all greedy / no top-k or
+    top-p); they must not change the result."""
+    greedy = logits.float().argmax(dim=-1)
     if not random:
         return greedy
-    t = torch.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = logits / t
-    if filtered:
-        scaled = filter_logits(scaled, top_k, top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, logits.shape[-1])))
-    drawn = (scaled + gumbel).argmax(dim=-1)
+    drawn = draw(tempered(logits, temperature, top_k, top_p, filtered), seed, counter, stream)
     return torch.where(temperature > 0, drawn, greedy)
+
+
+def verify(target: torch.Tensor, draft_logits: torch.Tensor, draft: torch.Tensor, temperature: torch.Tensor,
+           top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
+           random: bool = True, filtered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative acceptance (Leviathan et al. 2023; Chen et al. 2023) of `draft` tokens (B,), drawn from the
+    draft logits (B, V), against the target logits (B, V): (token, accepted) per row.
+
+    Greedy rows accept when the draft is the target's argmax and return the argmax either way. Sampling rows
+    accept with probability min(1, p(d) / q(d)) and otherwise draw from normalize(max(p - q, 0)), so the token
+    is distributed exactly as a plain draw from p, whatever q was."""
+    greedy = target.float().argmax(dim=-1)
+    if not random:
+        return greedy, greedy == draft
+    p = torch.softmax(tempered(target, temperature, top_k, top_p, filtered), dim=-1)  # (B, V)
+    q = torch.softmax(tempered(draft_logits, temperature, top_k, top_p, filtered), dim=-1)
+    pd, qd = p.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+    u = uniform_noise(seed, counter, 1, ACCEPT)[:, 0]
+    accept = u * qd < pd  # u < p/q without dividing by a q that could underflow
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)  # p == q: nothing to correct
+    resampled = draw(torch.log(residual), seed, counter, RESIDUAL)
+    sampled = torch.where(accept, draft, resampled)
+    return torch.where(temperature > 0, sampled, greedy), torch.where(temperature > 0, accept, greedy == draft)
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, counter: int) -> int:

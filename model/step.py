@@ -23,56 +23,80 @@ import torch.nn.functional as F
 
 from .forward import LoopModel, hidden
 from .kv_cache import CacheAccess, KVCache, position_mask
-from .sampling import sample, token_stats
+from .sampling import DRAFT as DRAFT_STREAM
+from .sampling import sample, token_stats, verify
 
-OUT_FIELDS = ("token", "nll", "entropy", "finite", "prompt_nll")  # columns of head_step's output
+OUT_FIELDS = ("token", "nll", "entropy", "finite", "prompt_nll", "accepted")  # columns of head_step's output
+PLAIN, DRAFT, VERIFY = range(3)  # what a head row does (see head_step)
 
 
 @dataclass
 class StepState:
-    """Device buffers the decode step carries between steps, one entry per cache row."""
+    """Device buffers the decode step carries between steps.
 
-    hidden: torch.Tensor  # (R, C) each row's residual stream between its loop iterations
-    tokens: torch.Tensor  # (R,) long: the token each row embeds at its next loop 0
-    prompt_nll: torch.Tensor  # (R,) float32: summed NLL of the prompt tokens scored so far
+    A *lane* holds one token in flight: its hidden state between loop iterations and the token it embeds at its
+    loop 0. A plain request uses one lane; a self-speculative one keeps several tokens in flight (one lane each)
+    at different loops of the same cache row."""
+
+    hidden: torch.Tensor  # (L, C) each lane's residual stream between its loop iterations
+    tokens: torch.Tensor  # (L,) long: the token each lane embeds at its next loop 0
+    prompt_nll: torch.Tensor  # (R,) float32, per cache row: summed NLL of the prompt tokens scored so far
+    draft_logits: torch.Tensor | None = None  # (L, V) float32: the distribution a lane's draft token came from
 
     @classmethod
-    def allocate(cls, rows: int, n_embd: int, device, dtype: torch.dtype) -> StepState:
-        return cls(torch.zeros(rows, n_embd, device=device, dtype=dtype),
-                   torch.zeros(rows, dtype=torch.long, device=device),
-                   torch.zeros(rows, dtype=torch.float32, device=device))
+    def allocate(cls, lanes: int, rows: int, n_embd: int, device, dtype: torch.dtype,
+                 vocab: int = 0) -> StepState:
+        """`vocab` > 0 also allocates the draft distributions that self-speculative sampling verifies against."""
+        return cls(torch.zeros(lanes, n_embd, device=device, dtype=dtype),
+                   torch.zeros(lanes, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.float32, device=device),
+                   torch.zeros(lanes, vocab, dtype=torch.float32, device=device) if vocab else None)
 
 
-def decode_step(model: LoopModel, cache: KVCache, state: StepState, rows: torch.Tensor, pos: torch.Tensor,
-                loop: torch.Tensor, ctx: int) -> torch.Tensor:
-    """One loop for each row: rows, pos, loop (B,) long; returns the new hidden states (B, C).
+def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch.Tensor, rows: torch.Tensor,
+                pos: torch.Tensor, loop: torch.Tensor, ctx: int) -> torch.Tensor:
+    """One loop for each batch entry: its lane, cache row, position and loop index, all (B,) long; returns the
+    new hidden states (B, C). Several entries may share a cache row (at different positions).
 
-    `ctx` (keys read per row) must exceed every position. Padded batch rows point at a scratch cache row."""
-    x0 = model.embed(state.tokens[rows][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
-    x = torch.where((loop == 0)[:, None, None], x0, state.hidden[rows][:, None])  # (B, 1, C)
+    `ctx` (keys read per row) must exceed every position. Padded entries point at a scratch lane and row."""
+    x0 = model.embed(state.tokens[lanes][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
+    x = torch.where((loop == 0)[:, None, None], x0, state.hidden[lanes][:, None])  # (B, 1, C)
     pos2 = pos[:, None]  # (B, 1)
     access = CacheAccess(cache, loop, rows, rows, pos2, ctx, position_mask(pos2, ctx))
     x = model.loop_body(x, loop, access)[:, 0]  # (B, C)
-    state.hidden.index_copy_(0, rows, x)
+    state.hidden.index_copy_(0, lanes, x)
     return x
 
 
-def head_step(model: LoopModel, state: StepState, x: torch.Tensor, rows: torch.Tensor,
+def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
               temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
-              counter: torch.Tensor, random: bool = True, filtered: bool = True) -> torch.Tensor:
-    """ln_f + head + sampling for hidden states x (Bh, C) of cache rows `rows` (Bh,).
+              counter: torch.Tensor, mode: torch.Tensor | None = None, random: bool = True,
+              filtered: bool = True) -> torch.Tensor:
+    """ln_f + head + sampling for the hidden states of lanes `src` (Bh,); the token goes to lanes `dst`.
 
-    Writes each sampled token into `state.tokens` and returns float32 (Bh, len(OUT_FIELDS)): the token, its
-    NLL and the entropy under the untempered distribution (fp32), whether every logit was finite (a row
-    whose logits are not fails alone), and the row's prompt NLL sum (read when its prefill completes)."""
-    logits = model.head(x[:, None])[:, 0].float()  # (Bh, V)
+    `mode` (Bh,) per row (None: all PLAIN): PLAIN samples the next token; DRAFT samples a draft from an early
+    loop's state (noise stream DRAFT) and keeps its distribution in `dst`; VERIFY is a token's last loop
+    with a draft already in flight in `dst`: speculative acceptance, the accepted or corrected token replaces
+    the draft. Returns float32 (Bh, len(OUT_FIELDS)): the token, its NLL and the entropy under the untempered
+    distribution, whether every logit was finite (a row whose logits are not fails alone), the prompt NLL sum
+    of cache row `rows` (read when its prefill completes), and whether a VERIFY row accepted its draft."""
+    logits = model.head(state.hidden[src][:, None])[:, 0].float()  # (Bh, V)
     finite = torch.isfinite(logits).all(dim=-1)
     logits = torch.where(finite[:, None], logits, 0.0)  # a broken row must not poison its batch mates' math
     tokens = sample(logits, temperature, top_k, top_p, seed, counter, random, filtered)
+    accepted = torch.zeros_like(finite)
+    if mode is not None:
+        drafts = sample(logits, temperature, top_k, top_p, seed, counter, random, filtered, DRAFT_STREAM)
+        kept = state.tokens[dst]
+        checked, accepted = verify(logits, state.draft_logits[dst], kept, temperature, top_k, top_p, seed, counter,
+                                   random, filtered)
+        tokens = torch.where(mode == PLAIN, tokens, torch.where(mode == DRAFT, drafts, checked))
+        accepted = accepted & (mode == VERIFY)
+        state.draft_logits.index_copy_(0, dst, torch.where((mode == DRAFT)[:, None], logits, state.draft_logits[dst]))
     nll, entropy = token_stats(logits, tokens)
-    state.tokens.index_copy_(0, rows, tokens)
+    state.tokens.index_copy_(0, dst, tokens)
     prompt_nll = state.prompt_nll[rows]
-    return torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll], dim=-1)
+    return torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll, accepted.float()], dim=-1)
 
 
 def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
@@ -84,7 +108,7 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     Padding tokens write their K/V into the `scratch` row. With `targets` (the prompt token each position
     predicts, one list per chunk, possibly one shorter than the chunk), the teacher-forced NLL of those
     targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk)."""
-    dev = state.tokens.device
+    dev = state.prompt_nll.device
     P, T = len(chunks), max(len(c) for c in chunks)
     limit = cache.max_len - 1
     idx = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (P, T)

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopgpt.model import SamplingParams, TextStream, Tokenizer, fresh_seed
+from loopgpt.model.step import DRAFT, PLAIN, VERIFY
 
 from .runner import ModelRunner, Pending, PrefillChunk, Sample, StepPlan
+from .speculation import SpecRequest, Speculation
 
 log = logging.getLogger("loopgpt.server")
 
@@ -82,23 +84,33 @@ class Request:
     eos_token: int | None = None
     endpoint: str = "generate"
     arrival: float = field(default_factory=time.perf_counter)
+    speculative: SpecRequest | None = None  # self-speculative decoding, or None for plain
     aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
     done: bool = False  # set by the engine once the FinishEvent is out
 
 
 @dataclass
+class Flight:
+    """A token in flight: the token at position `pos` runs loop `loop` at the next step."""
+
+    pos: int
+    loop: int = 0
+
+
+@dataclass
 class Row:
-    """The engine's state of one admitted request: its cache row and where its current token stands."""
+    """The engine's state of one admitted request: its cache row and the tokens it has in flight."""
 
     req: Request
     index: int  # KV-cache row
     seed: int
     eos: int
     stream: TextStream
+    spec: Speculation | None = None
     prefilled: int = 0  # prompt tokens in the cache
-    pos: int = 0  # position of the token being looped
-    loop: int = 0  # loop that token runs next
-    sampled: int = 0  # tokens sampled, delivered or still on their way
+    flights: list[Flight] = field(default_factory=list)  # consecutive positions, oldest (verified input) first
+    epoch: int = 0  # bumped when a draft is rejected: head outputs of an older epoch are stale
+    sampled: int = 0  # tokens decided (their last loop's head scheduled), delivered or on their way
     n_tokens: int = 0  # tokens delivered (an EOS is not one)
     nll_sum: float = 0.0
     prompt_nll: float | None = None
@@ -109,14 +121,25 @@ class Row:
     def decoding(self) -> bool:
         return self.prefilled == len(self.req.prompt_ids) and self.sampled > 0
 
-    @property
-    def wants_more(self) -> bool:
-        return self.sampled < self.req.max_tokens
+    def needed(self, pos: int) -> bool:
+        """Whether the token at `pos` must run: its last loop decides generated token pos + 1 - prompt."""
+        return pos + 1 - len(self.req.prompt_ids) < self.req.max_tokens
+
+
+@dataclass
+class Sampled:
+    """What the host remembers of one head row until its output comes back."""
+
+    row: Row
+    epoch: int
+    mode: int
+    pos: int  # position of the token whose head ran
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 64,
-                 metrics: Any = None, prompt_nll: bool = True, prefill_chunk: int = 128):
+                 metrics: Any = None, prompt_nll: bool = True, prefill_chunk: int = 128,
+                 spec_batch_limit: int = 16):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.runner = runner
@@ -130,13 +153,15 @@ class Engine:
         self.free_rows = list(range(runner.max_batch))
         # Turns launched but not yet postprocessed: one on a GPU (the host streams turn t-1 while the device
         # runs turn t), none on a CPU, where nothing would overlap.
-        self.inflight: collections.deque[tuple[list[Row], Pending]] = collections.deque()
+        self.inflight: collections.deque[tuple[list[Sampled], Pending]] = collections.deque()
+        self.spec_batch_limit = spec_batch_limit  # auto drafting pauses while this many tokens are in flight
         self.depth = 1 if runner.cuda else 0
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.drain_deadline: float | None = None
         self.steps = 0  # decode steps run (one loop each), for tests and logs
+        self.drafts = [0, 0]  # self-speculative drafts verified, and accepted
 
     # ---- called from the HTTP side (any thread) ----
 
@@ -203,13 +228,13 @@ class Engine:
         self._retire_aborted()
         self._admit()
         plan, sampled = self._schedule()
-        launched = bool(plan.prefill or plan.rows or plan.samples)
+        launched = bool(plan.prefill or plan.lanes or plan.samples)
         if launched:
             pending = self.runner.run(plan)
-            if plan.rows:
+            if plan.lanes:
                 self.steps += 1
                 if self.metrics:
-                    self.metrics.batch(len(plan.rows))
+                    self.metrics.batch(len(plan.lanes))
             if pending is not None:
                 self.inflight.append((sampled, pending))
         keep = self.depth if launched else 0  # with nothing new to launch, catch up completely
@@ -236,26 +261,23 @@ class Engine:
             index = self.free_rows.pop()
             seed = fresh_seed() if req.seed is None else req.seed
             eos = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
-            self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop))
+            spec = None
+            if req.speculative is not None and self.runner.lanes_per_row > 1:
+                spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
+            self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec)
             if self.metrics:
                 self.metrics.queued(req, time.perf_counter() - req.arrival)
 
-    def _schedule(self) -> tuple[StepPlan, list[Row]]:
-        """This turn's work, decided on the host alone: decoding rows advance one loop each (sampling after
-        their last), then prompt chunks fill the prefill budget oldest first. Rows whose prompt completes
-        sample their first token now and decode from the next turn on."""
+    def _schedule(self) -> tuple[StepPlan, list[Sampled]]:
+        """This turn's work, decided on the host alone: every token in flight advances one loop (a head after its
+        last loop, and after its draft loop when its request speculates), then prompt chunks fill the prefill
+        budget oldest first. Rows whose prompt completes sample their first token now and decode from the next
+        turn on."""
         plan, sampled = StepPlan(), []
+        in_flight = sum(len(r.flights) for r in self.rows.values())
         for row in self.rows.values():
-            if not (row.decoding and row.wants_more):
-                continue
-            plan.rows.append(row.index)
-            plan.pos.append(row.pos)
-            plan.loop.append(row.loop)
-            row.loop += 1
-            if row.loop == row.req.loops:  # the token is through all its loops: sample the next one
-                plan.samples.append(Sample(row.index, row.req.params, row.seed, row.sampled))
-                sampled.append(row)
-                row.sampled, row.loop, row.pos = row.sampled + 1, 0, row.pos + 1
+            if row.decoding:
+                self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
         budget = self.prefill_chunk
         for row in self.rows.values():
             prompt = row.req.prompt_ids
@@ -267,25 +289,77 @@ class Engine:
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets))
             row.prefilled, budget = end, budget - (end - start)
             if end == len(prompt):
-                plan.samples.append(Sample(row.index, row.req.params, row.seed, 0))
-                sampled.append(row)
-                row.sampled, row.loop, row.pos = 1, 0, len(prompt)
+                self._head(row, plan, sampled, len(prompt) - 1, PLAIN)
+                row.sampled = 1
+                if row.needed(len(prompt)):
+                    row.flights.append(Flight(len(prompt)))
         return plan, sampled
 
-    def _postprocess(self, sampled: list[Row], pending: Pending) -> None:
+    def _advance(self, row: Row, plan: StepPlan, sampled: list[Sampled], drafting: bool) -> None:
+        """One loop for each of the row's tokens in flight, oldest first."""
+        n, spec = row.req.loops, row.spec
+        drafting = spec is not None and spec.active and (drafting or not spec.auto)
+        lane = self.runner.lane
+        for f in list(row.flights):  # a flight added below starts at the next step
+            plan.lanes.append(lane(row.index, f.pos))
+            plan.rows.append(row.index)
+            plan.pos.append(f.pos)
+            plan.loop.append(f.loop)
+            ran, f.loop = f.loop, f.loop + 1
+            if ran == n - 1:  # the token is through all its loops: its successor is decided now
+                row.flights.remove(f)
+                has_draft = any(g.pos == f.pos + 1 for g in row.flights)
+                self._head(row, plan, sampled, f.pos, VERIFY if has_draft else PLAIN)
+                row.sampled += 1
+                if not has_draft and row.needed(f.pos + 1):
+                    row.flights.append(Flight(f.pos + 1))
+            elif (drafting and ran == spec.k - 1 and f is row.flights[-1] and len(row.flights) <= spec.m
+                  and row.needed(f.pos + 1)):
+                self._head(row, plan, sampled, f.pos, DRAFT)  # the successor starts from this early guess
+                row.flights.append(Flight(f.pos + 1))
+
+    def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int) -> None:
+        """The head on the token at `pos` (its lane), its output token going to the lane of `pos + 1`."""
+        lane = self.runner.lane
+        plan.samples.append(Sample(lane(row.index, pos), lane(row.index, pos + 1), row.index, row.req.params,
+                                   row.seed, pos + 1 - len(row.req.prompt_ids), mode))
+        sampled.append(Sampled(row, row.epoch, mode, pos))
+
+    def _postprocess(self, sampled: list[Sampled], pending: Pending) -> None:
         """Deliver the tokens of one launched turn; a row whose output or text handling fails ends alone."""
         now = time.perf_counter()
-        for row, out in zip(sampled, pending.result(), strict=True):
-            if row.req.done:  # finished (stop, abort) after this turn was launched
+        for s, out in zip(sampled, pending.result(), strict=True):
+            row = s.row
+            if row.req.done or s.mode == DRAFT:  # finished after launch / a draft is checked at its token's end
                 continue
+            if s.epoch != row.epoch:  # the head of a token built on a rejected draft: never a real token
+                row.sampled -= 1
+                continue
+            if s.mode == VERIFY:
+                self._verified(row, s.pos, bool(out[5]))
             try:
                 self._deliver(row, out, now)
             except (RuntimeError, ValueError, KeyError, IndexError, UnicodeError) as e:
                 log.exception("request failed while handling its token; ending it alone")
                 self._finish(row, "error", f"the server failed to handle a generated token ({type(e).__name__})")
 
+    def _verified(self, row: Row, pos: int, accepted: bool) -> None:
+        """The token after `pos` met its draft: on a rejection the drafts in flight are discarded and the
+        corrected token (already in its lane) starts over at loop 0."""
+        row.spec.record(accepted)
+        self.drafts[0] += 1
+        self.drafts[1] += accepted
+        if self.metrics:
+            self.metrics.speculated(row.req, accepted)
+        if accepted:
+            return
+        row.epoch += 1
+        row.flights = [f for f in row.flights if f.pos <= pos]
+        if row.needed(pos + 1):
+            row.flights.append(Flight(pos + 1))
+
     def _deliver(self, row: Row, out: list[float], now: float) -> None:
-        token, nll, entropy, finite, prompt_nll_sum = out
+        token, nll, entropy, finite, prompt_nll_sum, _ = out
         if not finite:
             self._finish(row, "error", "the model produced non-finite logits for this request; try other "
                                        "sampling settings or fewer loops")
@@ -356,7 +430,7 @@ class Engine:
 
     def usage(self) -> float:
         """Fraction of the KV cache's token positions holding a live request's tokens (host bookkeeping)."""
-        used = sum(max(r.prefilled, r.pos) for r in self.rows.values())
+        used = sum(r.prefilled + r.sampled for r in self.rows.values())
         return used / (self.runner.max_batch * self.runner.cache.max_len)
 
     def _report(self) -> None:

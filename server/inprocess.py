@@ -17,6 +17,7 @@ from loopgpt.model import SamplingParams, Tokenizer
 
 from .engine import Engine, FinishEvent, Request, TokenEvent
 from .runner import ModelRunner
+from .speculation import SpecRequest
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -47,30 +48,33 @@ class InProcess:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, max_batch: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False, cuda_graphs: bool = False,
-                 prefill_chunk: int = 128, max_loops: int | None = None):
+                 prefill_chunk: int = 128, max_loops: int | None = None, lanes_per_row: int = 1,
+                 spec_batch_limit: int = 16):
         self.runner = ModelRunner(model, max_batch, device=device, dtype=dtype, compile=compile,
-                                  cuda_graphs=cuda_graphs, max_loops=max_loops)
+                                  cuda_graphs=cuda_graphs, max_loops=max_loops, lanes_per_row=lanes_per_row)
         if compile or cuda_graphs:
             with self.runner.context():
                 self.runner.warmup()
         self.engine = Engine(self.runner, tokenizer, max_queue=1 << 20, prompt_nll=False,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, spec_batch_limit=spec_batch_limit)
         self.engine.start()
 
     def close(self) -> None:
         self.engine.stop()
 
-    def submit(self, prompt: list[int], loops: int, max_tokens: int, then: Any = None) -> Waiter:
+    def submit(self, prompt: list[int], loops: int, max_tokens: int, then: Any = None,
+               speculative: SpecRequest | None = None, params: SamplingParams = GREEDY, seed: int | None = None
+               ) -> Waiter:
         waiter = Waiter(then)
-        self.engine.submit(Request(list(prompt), loops, max_tokens, GREEDY, emit=waiter, eos_token=-1,
-                                   endpoint="bench"))
+        self.engine.submit(Request(list(prompt), loops, max_tokens, params, emit=waiter, eos_token=-1,
+                                   endpoint="bench", speculative=speculative, seed=seed))
         return waiter
 
-    def generate(self, specs: list[tuple[list[int], int, int]], timeout: float = 600.0
-                 ) -> tuple[list[list[int]], float]:
+    def generate(self, specs: list[tuple[list[int], int, int]], timeout: float = 600.0,
+                 speculative: SpecRequest | None = None) -> tuple[list[list[int]], float]:
         """(tokens of each (prompt, loops, max_tokens) request, wall seconds from submission to the last token)."""
         t0 = time.perf_counter()
-        waiters = [self.submit(p, n, m) for p, n, m in specs]
+        waiters = [self.submit(p, n, m, speculative=speculative) for p, n, m in specs]
         for w in waiters:
             if not w.done.wait(timeout):
                 raise TimeoutError(f"a benchmark request did not finish within {timeout:.0f} s")

@@ -50,6 +50,8 @@ class ServerMetrics:
                                        per_loops, **q)
         self.prompt_nll = Histogram("prompt_nll", "Mean NLL (nats) of a prompt's own tokens at the request's loops",
                                     per_loops, **q)
+        self.drafts = Counter("speculative_drafts", "Self-speculative drafts verified, by outcome",
+                              ["loops", "accepted"], namespace=ns, registry=r)
         self.eval_loss = Gauge("checkpoint_eval_loss", "Held-out loss from the checkpoint's eval.json", per_loops,
                                namespace=ns, registry=r)
         self._precreate()
@@ -91,6 +93,9 @@ class ServerMetrics:
             self.itl.labels(loops).observe(itl)
         self.token_nll.labels(loops).observe(nll)
         self.token_entropy.labels(loops).observe(entropy)
+
+    def speculated(self, req: Any, accepted: bool) -> None:
+        self.drafts.labels(str(req.loops), "true" if accepted else "false").inc()
 
     def batch(self, rows: int) -> None:
         self.batch_size.set(rows)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from loopgpt.model import KVCache, SamplingParams, Tokenizer, load_checkpoint, resolve_device, resolve_dtype
-from loopgpt.model.step import OUT_FIELDS, StepState, decode_step, head_step, prefill
+from loopgpt.model.step import OUT_FIELDS, PLAIN, StepState, decode_step, head_step, prefill
 
 
 class BackendError(ValueError):
@@ -95,21 +95,25 @@ class PrefillChunk:
 
 @dataclass
 class Sample:
-    """A row to sample after this step's loop: its sampling parameters and RNG position."""
+    """A lane to run the head on after this step's loop: sampling parameters, RNG position, what to do."""
 
-    row: int
+    src: int  # lane whose hidden state goes through the head
+    dst: int  # lane that receives the token (the next token's lane)
+    row: int  # cache row (for its prompt NLL)
     params: SamplingParams
     seed: int
     counter: int  # index of the token being sampled in its request
+    mode: int = PLAIN  # PLAIN, DRAFT or VERIFY (model/step.py)
 
 
 @dataclass
 class StepPlan:
     prefill: list[PrefillChunk] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)  # decoding rows, one loop each
+    lanes: list[int] = field(default_factory=list)  # decode entries, one loop each: lane, cache row, position, loop
+    rows: list[int] = field(default_factory=list)
     pos: list[int] = field(default_factory=list)
-    loop: list[int] = field(default_factory=list)  # 0-based loop index each row runs now
-    samples: list[Sample] = field(default_factory=list)  # rows whose token is complete after this step
+    loop: list[int] = field(default_factory=list)  # 0-based loop index each entry runs now
+    samples: list[Sample] = field(default_factory=list)  # lanes through the head after this step
 
 
 @dataclass
@@ -127,40 +131,46 @@ class Pending:
 
 
 # Rows of the step's integer and float input buffers.
-ROWS, POS, LOOP, HEAD_ROWS, SEED, COUNTER, TOP_K = range(7)
+LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE = range(11)
 TEMPERATURE, TOP_P = range(2)
 
 
 class ModelRunner:
-    """Owns the model, one preallocated KV cache of `max_batch` rows (+1 scratch row) and the step buffers."""
+    """Owns the model, one preallocated KV cache of `max_batch` rows (+1 scratch row), the step buffers and, with
+    `lanes_per_row` > 1 (self-speculative decoding), room for several tokens in flight per row."""
 
     def __init__(self, model: Any, max_batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 compile: bool = False, cuda_graphs: bool = False, max_loops: int | None = None):
+                 compile: bool = False, cuda_graphs: bool = False, max_loops: int | None = None,
+                 lanes_per_row: int = 1):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise BackendError("--cuda-graphs needs a CUDA device (--device cuda)")
         self.model = model
         self.config = model.config
         self.device = torch.device(device)
-        self.max_batch = max_batch
-        self.scratch = max_batch  # padded batch rows read and write this cache row; nothing else does
-        if cuda_graphs and self.device.type != "cuda":
-            raise BackendError("--cuda-graphs needs a CUDA device (--device cuda)")
+        self.max_batch, self.lanes_per_row = max_batch, lanes_per_row
+        self.scratch = max_batch  # padded entries read and write this cache row; nothing else does
+        self.scratch_lane = max_batch * lanes_per_row
         # K/V slots for loops up to `max_loops` (default: the checkpoint's loop_cap); deeper requests are refused
         self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
-        self.state = StepState.allocate(max_batch + 1, self.config.n_embd, self.device, dtype)
-        self.sizes = buckets(max_batch)
+        vocab = self.config.vocab_size if lanes_per_row > 1 else 0
+        self.state = StepState.allocate(self.scratch_lane + 1, max_batch + 1, self.config.n_embd, self.device, dtype,
+                                        vocab)
+        entries = max_batch * lanes_per_row
+        self.sizes = buckets(entries)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda
         # Two host slots, alternated per step: a slot is rewritten only after its previous copy completed.
-        self.h_long = [torch.zeros(7, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self.h_float = [torch.zeros(2, max_batch, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self.h_long = [torch.zeros(11, entries, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.h_float = [torch.zeros(2, entries, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         # numpy views of the same memory: filling them from Python lists costs a microsecond, a torch.tensor() ten
         self.np_long = [h.numpy() for h in self.h_long]
         self.np_float = [h.numpy() for h in self.h_float]
-        self.h_out = [torch.zeros(max_batch, len(OUT_FIELDS), pin_memory=pin) for _ in range(2)]
-        self.d_long = torch.zeros(7, max_batch, dtype=torch.long, device=self.device)
-        self.d_float = torch.zeros(2, max_batch, dtype=torch.float32, device=self.device)
-        self.d_out = torch.zeros(max_batch, len(OUT_FIELDS), device=self.device)
+        self.h_out = [torch.zeros(entries, len(OUT_FIELDS), pin_memory=pin) for _ in range(2)]
+        self.d_long = torch.zeros(11, entries, dtype=torch.long, device=self.device)
+        self.d_float = torch.zeros(2, entries, dtype=torch.float32, device=self.device)
+        self.d_out = torch.zeros(entries, len(OUT_FIELDS), device=self.device)
         self.turn = 0
         self.slot_done: list[Any] = [None, None]  # per host slot: the event after its last copies
         self.graphs: dict[tuple, Any] = {}
@@ -170,6 +180,11 @@ class ModelRunner:
         # would mean dozens of compiles at start-up); CUDA graphs then freeze each bucket's shapes
         self._decode = torch.compile(self._decode_fn, dynamic=True) if compile else self._decode_fn
         self._head = torch.compile(self._head_fn, dynamic=True) if compile else self._head_fn
+
+    def lane(self, row: int, pos: int) -> int:
+        """The lane of the token at `pos` of cache row `row`: tokens in flight have consecutive positions, so
+        position mod lanes_per_row never collides."""
+        return row * self.lanes_per_row + pos % self.lanes_per_row
 
     def context(self) -> contextlib.AbstractContextManager:
         """Entered once by the engine thread around its whole loop (inference mode is per thread)."""
@@ -195,18 +210,22 @@ class ModelRunner:
         if plan.prefill:
             self._prefill(plan.prefill)
         h, f = self.np_long[slot], self.np_float[slot]
-        B = pad_to(len(plan.rows), self.sizes) if plan.rows else 0
+        B = pad_to(len(plan.lanes), self.sizes) if plan.lanes else 0
         if B:
-            self._fill(h[ROWS], plan.rows, B, self.scratch)
+            self._fill(h[LANE], plan.lanes, B, self.scratch_lane)
+            self._fill(h[ROW], plan.rows, B, self.scratch)
             self._fill(h[POS], plan.pos, B, 0)
             self._fill(h[LOOP], plan.loop, B, 0)
         samples = plan.samples
         Bh = pad_to(len(samples), self.sizes) if samples else 0
         if Bh:
-            self._fill(h[HEAD_ROWS], [s.row for s in samples], Bh, self.scratch)
+            self._fill(h[H_SRC], [s.src for s in samples], Bh, self.scratch_lane)
+            self._fill(h[H_DST], [s.dst for s in samples], Bh, self.scratch_lane)
+            self._fill(h[H_ROW], [s.row for s in samples], Bh, self.scratch)
             self._fill(h[SEED], [s.seed for s in samples], Bh, 0)
             self._fill(h[COUNTER], [s.counter for s in samples], Bh, 0)
             self._fill(h[TOP_K], [s.params.top_k for s in samples], Bh, 0)
+            self._fill(h[MODE], [s.mode for s in samples], Bh, PLAIN)
             self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
             self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
         # Whole buffers, contiguous and pinned: truly asynchronous copies (a strided one would be staged by the host).
@@ -219,7 +238,8 @@ class ModelRunner:
             return None
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
-        self._replay(("head", Bh, random, filtered), lambda: self._head(Bh, random, filtered))
+        spec = any(s.mode != PLAIN for s in samples)
+        self._replay(("head", Bh, random, filtered, spec), lambda: self._head(Bh, random, filtered, spec))
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
         event = None
@@ -233,8 +253,9 @@ class ModelRunner:
         rows = [c.row for c in chunks]
         last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in chunks], [c.start for c in chunks],
                        [c.loops for c in chunks], self.scratch, targets)
-        # A completed prompt is sampled from its last hidden state like any row after its last loop.
-        self.state.hidden[torch.tensor(rows, device=self.device)] = last.to(self.state.hidden.dtype)
+        # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
+        lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in chunks]
+        self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
 
     @staticmethod
     def _fill(dst, values: list, size: int, pad) -> None:
@@ -245,13 +266,13 @@ class ModelRunner:
 
     def _decode_fn(self, B: int, ctx: int) -> None:
         d = self.d_long
-        decode_step(self.model, self.cache, self.state, d[ROWS, :B], d[POS, :B], d[LOOP, :B], ctx)
+        decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B], d[LOOP, :B], ctx)
 
-    def _head_fn(self, Bh: int, random: bool, filtered: bool) -> None:
+    def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool) -> None:
         d, f = self.d_long, self.d_float
-        rows = d[HEAD_ROWS, :Bh]
-        self.d_out[:Bh] = head_step(self.model, self.state, self.state.hidden[rows], rows, f[TEMPERATURE, :Bh],
-                                    d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh], d[COUNTER, :Bh], random, filtered)
+        self.d_out[:Bh] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
+                                    f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
+                                    d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered)
 
     # ---- CUDA graphs ----
 
@@ -268,9 +289,7 @@ class ModelRunner:
         """Warm up and capture `fn` as a graph. The inputs it reads are pointed at the scratch row first:
         warm-up runs really execute, and must not write into a live request's cache row."""
         saved = self.d_long.clone(), self.d_float.clone()
-        self.d_long[ROWS].fill_(self.scratch)
-        self.d_long[HEAD_ROWS].fill_(self.scratch)
-        self.d_long[POS].zero_()
+        self._point_at_scratch()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -289,19 +308,25 @@ class ModelRunner:
         """Capture (or compile) every decode and head variant up front, so no request pays for it; returns the
         number of variants. Contexts up to `max_ctx` (default: the whole cache)."""
         limit = max_ctx or self.cache.max_len
-        self.d_long[ROWS].fill_(self.scratch)  # warm-up steps really run: on the scratch row only
-        self.d_long[HEAD_ROWS].fill_(self.scratch)
+        self._point_at_scratch()  # warm-up steps really run: on the scratch row and lane only
         ctxs = sorted({ctx_bucket(n, self.cache.max_len) for n in range(1, limit + 1)})
         keys = [("decode", B, c) for B in self.sizes for c in ctxs]
-        keys += [("head", B, r, f) for B in self.sizes for r, f in ((False, False), (True, False), (True, True))]
+        modes = [(r, f) for r, f in ((False, False), (True, False), (True, True))]
+        specs = (False, True) if self.lanes_per_row > 1 else (False,)
+        keys += [("head", B, r, f, s) for B in self.sizes for r, f in modes for s in specs]
         for key in keys:
             if key[0] == "decode":
                 self._replay(key, lambda k=key: self._decode(k[1], k[2]))
             else:
-                self._replay(key, lambda k=key: self._head(k[1], k[2], k[3]))
+                self._replay(key, lambda k=key: self._head(*k[1:]))
         if self.cuda:
             torch.cuda.synchronize()
         return len(keys)
+
+    def _point_at_scratch(self) -> None:
+        self.d_long[[LANE, H_SRC, H_DST]] = self.scratch_lane
+        self.d_long[[ROW, H_ROW]] = self.scratch
+        self.d_long[[POS, LOOP, MODE]] = 0
 
     def free(self, row: int) -> None:
         """Nothing to clear: a reused row's stale K/V sit at positions its next request writes before reading."""

@@ -37,7 +37,7 @@ def continuous_depth(model, prompts, loops, n_tokens, rows, pad_to=8):
     R = max(rows) + 2
     scratch = R - 1
     cache = KVCache(model.config, R, loops=max(loops))
-    state = StepState.allocate(R, model.config.n_embd, "cpu", torch.float32)
+    state = StepState.allocate(R, R, model.config.n_embd, "cpu", torch.float32)  # one lane per row
     last = prefill(model, cache, state, rows, prompts, [0] * len(rows), loops, scratch)  # batched and padded
     state.hidden[torch.tensor(rows)] = last
     logits = {r: [model.head(last[i][None, None])[0, 0]] for i, r in enumerate(rows)}
@@ -49,8 +49,8 @@ def continuous_depth(model, prompts, loops, n_tokens, rows, pad_to=8):
     while any(len(tokens[r]) < n_tokens for r in rows):
         live = [r for r in rows if len(tokens[r]) < n_tokens]
         pad = pad_to - len(live)
-        x = decode_step(model, cache, state, torch.tensor(live + [scratch] * pad),
-                        torch.tensor([pos[r] for r in live] + [0] * pad),
+        lanes = torch.tensor(live + [scratch] * pad)
+        x = decode_step(model, cache, state, lanes, lanes, torch.tensor([pos[r] for r in live] + [0] * pad),
                         torch.tensor([loop[r] for r in live] + [0] * pad), ctx=model.config.block_size)
         done = [i for i, r in enumerate(live) if loop[r] == depth[r] - 1]
         for r in live:
@@ -59,7 +59,7 @@ def continuous_depth(model, prompts, loops, n_tokens, rows, pad_to=8):
             h = torch.tensor([live[i] for i in done])
             one = torch.ones(len(done))
             zero = torch.zeros(len(done), dtype=torch.long)
-            out = head_step(model, state, x[torch.tensor(done)], h, one * 0, zero, one, zero, zero)
+            out = head_step(model, state, h, h, h, one * 0, zero, one, zero, zero)
             for j, i in enumerate(done):
                 r = live[i]
                 logits[r].append(model.head(x[i][None, None])[0, 0])
@@ -97,11 +97,11 @@ def test_padding_rows_change_nothing():
 @torch.inference_mode()
 def test_head_step_flags_a_row_with_non_finite_logits_and_spares_the_others():
     model = tiny_model(block_size=64)
-    state = StepState.allocate(3, model.config.n_embd, "cpu", torch.float32)
-    x = torch.randn(3, model.config.n_embd)
-    x[1, 0] = float("nan")  # one row's hidden state is broken
-    one, zero = torch.ones(3), torch.zeros(3, dtype=torch.long)
-    out = head_step(model, state, x, torch.arange(3), one, zero, one, torch.arange(3), zero)
+    state = StepState.allocate(3, 3, model.config.n_embd, "cpu", torch.float32)
+    state.hidden.normal_()
+    state.hidden[1, 0] = float("nan")  # one row's hidden state is broken
+    one, zero, rows = torch.ones(3), torch.zeros(3, dtype=torch.long), torch.arange(3)
+    out = head_step(model, state, rows, rows, rows, one, zero, one, rows, zero)
     finite = out[:, OUT_FIELDS.index("finite")].tolist()
     assert finite == [1.0, 0.0, 1.0]
     assert torch.isfinite(out[[0, 2]]).all()
