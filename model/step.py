@@ -54,13 +54,18 @@ class StepState:
 
 
 def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch.Tensor, rows: torch.Tensor,
-                pos: torch.Tensor, loop: torch.Tensor, ctx: int) -> torch.Tensor:
+                pos: torch.Tensor, loop: torch.Tensor | int, ctx: int) -> torch.Tensor:
     """One loop for each batch entry: its lane, cache row, position and loop index, all (B,) long; returns the
     new hidden states (B, C). Several entries may share a cache row (at different positions).
 
-    `ctx` (keys read per row) must exceed every position. Padded entries point at a scratch lane and row."""
-    x0 = model.embed(state.tokens[lanes][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
-    x = torch.where((loop == 0)[:, None, None], x0, state.hidden[lanes][:, None])  # (B, 1, C)
+    `ctx` (keys read per row) must exceed every position. Padded entries point at a scratch lane and row.
+    `loop` may be one int when every entry stands at the same loop (a CPU fast path: one slot, one gate,
+    no select between a new token's embedding and a hidden state); graphs and compile always pass a tensor."""
+    if isinstance(loop, int):
+        x = model.embed(state.tokens[lanes][:, None], pos[:, None]) if loop == 0 else state.hidden[lanes][:, None]
+    else:
+        x0 = model.embed(state.tokens[lanes][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
+        x = torch.where((loop == 0)[:, None, None], x0, state.hidden[lanes][:, None])  # (B, 1, C)
     pos2 = pos[:, None]  # (B, 1)
     access = CacheAccess(cache, loop, rows, rows, pos2, ctx, position_mask(pos2, ctx))
     x = model.loop_body(x, loop, access)[:, 0]  # (B, C)

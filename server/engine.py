@@ -232,7 +232,7 @@ class Engine:
         if launched:
             pending = self.runner.run(plan)
             if plan.lanes:
-                self.steps += 1
+                self.steps += plan.repeat
                 if self.metrics:
                     self.metrics.batch(len(plan.lanes))
             if pending is not None:
@@ -275,9 +275,11 @@ class Engine:
         turn on."""
         plan, sampled = StepPlan(), []
         in_flight = sum(len(r.flights) for r in self.rows.values())
-        for row in self.rows.values():
-            if row.decoding:
-                self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
+        plan.repeat = self._lockstep()
+        for _ in range(plan.repeat):
+            for row in self.rows.values():
+                if row.decoding:
+                    self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
         budget = self.prefill_chunk
         for row in self.rows.values():
             prompt = row.req.prompt_ids
@@ -294,6 +296,20 @@ class Engine:
                 if row.needed(len(prompt)):
                     row.flights.append(Flight(len(prompt)))
         return plan, sampled
+
+    def _lockstep(self) -> int:
+        """Loops this turn may run back to back: all of them when every decoding row is one plain token at loop 0
+        of the same depth and nobody waits (no row could get a token sooner, no newcomer is held up), on a
+        runner whose steps are cheap to chain (eager, CPU); else 1. It saves the per-step host work that a
+        batch in lockstep gains nothing from (batch 1 above all)."""
+        if not self.runner.eager or self.runner.cuda or self.waiting:
+            return 1
+        rows = list(self.rows.values())
+        if not rows or any(not r.decoding or r.spec is not None or r.prefilled < len(r.req.prompt_ids) for r in rows):
+            return 1
+        if any(len(r.flights) != 1 or r.flights[0].loop != 0 for r in rows) or len({r.req.loops for r in rows}) != 1:
+            return 1
+        return rows[0].req.loops
 
     def _advance(self, row: Row, plan: StepPlan, sampled: list[Sampled], drafting: bool) -> None:
         """One loop for each of the row's tokens in flight, oldest first."""

@@ -114,6 +114,7 @@ class StepPlan:
     pos: list[int] = field(default_factory=list)
     loop: list[int] = field(default_factory=list)  # 0-based loop index each entry runs now
     samples: list[Sample] = field(default_factory=list)  # lanes through the head after this step
+    repeat: int = 1  # >1: the entries (listed `repeat` times, loops 0..repeat-1) run as consecutive steps
 
 
 @dataclass
@@ -176,6 +177,7 @@ class ModelRunner:
         self.graphs: dict[tuple, Any] = {}
         self.pool = None
         self.cuda_graphs = cuda_graphs
+        self.eager = not (compile or cuda_graphs)
         # dynamic: one compiled kernel set serves every batch and context bucket (a static compile per bucket
         # would mean dozens of compiles at start-up); CUDA graphs then freeze each bucket's shapes
         self._decode = torch.compile(self._decode_fn, dynamic=True) if compile else self._decode_fn
@@ -210,6 +212,8 @@ class ModelRunner:
         if plan.prefill:
             self._prefill(plan.prefill)
         h, f = self.np_long[slot], self.np_float[slot]
+        if plan.repeat > 1:
+            return self._run_lockstep(plan, slot)
         B = pad_to(len(plan.lanes), self.sizes) if plan.lanes else 0
         if B:
             self._fill(h[LANE], plan.lanes, B, self.scratch_lane)
@@ -233,7 +237,11 @@ class ModelRunner:
         self.d_float.copy_(self.h_float[slot], non_blocking=True)
         if B:
             ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
-            self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
+            uniform = self.eager and B == len(plan.loop) and min(plan.loop) == max(plan.loop)
+            if uniform:  # every entry at one loop, no padding: the CPU fast path (one slot, one gate)
+                self._decode_fn(B, ctx, plan.loop[0])
+            else:
+                self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
         if not Bh:
             return None
         random = any(not s.params.greedy for s in samples)
@@ -247,6 +255,17 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return Pending(out, len(samples), event)
+
+    def _run_lockstep(self, plan: StepPlan, slot: int) -> Pending | None:
+        """`repeat` consecutive loops of the same entries (eager only; see Engine._lockstep), then the head."""
+        n = len(plan.lanes) // plan.repeat
+        assert self.eager and n * plan.repeat == len(plan.lanes) and plan.loop[:n] == [0] * n
+        first = StepPlan(lanes=plan.lanes[:n], rows=plan.rows[:n], pos=plan.pos[:n], loop=plan.loop[:n])
+        self._run(first, slot)
+        ctx = ctx_bucket(max(first.pos) + 1, self.cache.max_len)
+        for loop in range(1, plan.repeat):
+            self._decode_fn(n, ctx, loop)
+        return self._run(StepPlan(samples=plan.samples), slot)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         targets = [c.targets or [] for c in chunks] if any(c.targets for c in chunks) else None
@@ -264,9 +283,10 @@ class ModelRunner:
         dst[:n] = values
         dst[n:size] = pad
 
-    def _decode_fn(self, B: int, ctx: int) -> None:
+    def _decode_fn(self, B: int, ctx: int, loop: int | None = None) -> None:
         d = self.d_long
-        decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B], d[LOOP, :B], ctx)
+        decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
+                    d[LOOP, :B] if loop is None else loop, ctx)
 
     def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool) -> None:
         d, f = self.d_long, self.d_float
