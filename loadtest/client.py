@@ -29,7 +29,7 @@ def request_body(endpoint: str, prompt: str, loops: int, max_tokens: int, temper
     if endpoint == "generate":
         return "/generate", {"loops": loops}, body
     if endpoint == "completions":
-        return "/v1/completions", {}, {**body, "model": "loopgpt", "loops": loops}
+        return "/v1/completions", {}, {**body, "loops": loops}  # no `model`: absent means the served one
     raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
 
 

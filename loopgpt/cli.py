@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -30,17 +31,36 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loopgpt.model import SamplingParams, generate_text, load_checkpoint, resolve_device, resolve_dtype
+    from loopgpt.model import (
+        SamplingParams,
+        check_request,
+        generate_text,
+        load_checkpoint,
+        resolve_device,
+        resolve_dtype,
+    )
+    from loopgpt.model.memory import check_memory
 
+    # Flag values first, before anything is loaded or written: a bad one is one sentence and nothing else.
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.loops is not None and args.loops < 1:
+        raise ValueError(f"--loops must be >= 1, got {args.loops}")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.backend == "onnx":
         from loopgpt.export import load_onnx
 
         model, tokenizer, _ = load_onnx(args.checkpoint)
+        device = "cpu"
     else:
         device = resolve_device(args.device)
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device))
-    loops = args.loops or model.config.max_loops
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        dtype = resolve_dtype(args.dtype, device)
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    loops = model.config.max_loops if args.loops is None else args.loops
+    n_prompt = len(tokenizer.encode(args.prompt))
+    check_request(model, n_prompt, args.max_tokens, loops)
+    check_memory(model.config, device, batch=1, max_len=n_prompt + args.max_tokens, loops=loops,
+                 dtype_bytes=torch_bytes(model), shrink="--loops or --max-tokens")
     sys.stdout.write(args.prompt)
     completion = None
     for piece, completion in generate_text(  # noqa: B007 (the last completion is read below)
@@ -52,6 +72,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[loops={loops} tokens={len(completion.token_ids)} finish_reason={completion.finish_reason}]",
           file=sys.stderr)
     return 0
+
+
+def torch_bytes(model) -> int:
+    """Bytes per element of the model's weights (4 for the float32 ONNX runner)."""
+    weight = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return 4 if weight is None else weight.element_size()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -173,12 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ConfigError, bad flag values
+        code = args.func(args)
+        sys.stdout.flush()  # here, inside the try: a closed pipe shows now, not in the interpreter's exit
+        return code
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ConfigError, MemoryBudgetError, bad flags
         print(f"loopgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `loopgpt info | head`: the reader left, which is not an error of ours
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ unpickles anything. Every failure is one CheckpointError sentence naming the fil
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, LoopGPTConfig
 from .gpt import LoopGPT
+from .memory import check_memory
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -44,6 +47,9 @@ def save_checkpoint(
         if k != TIED
     }
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    # safetensors writes the file 0600; a checkpoint is meant to be read by others (the Docker image's
+    # non-root user reading a mounted directory), so give it the mode open() would: 0666 less the umask.
+    os.chmod(directory / WEIGHTS, 0o666 & ~_umask())
     (directory / CONFIG).write_text(model.config.to_json() + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -108,39 +114,75 @@ def load_checkpoint(
         raise CheckpointError(
             f"{directory}: tokenizer has {tokenizer.n_vocab} tokens but config vocab_size is {config.vocab_size}"
         )
+    with torch.device("meta"):  # shapes only: nothing is allocated before the file and the budget are checked
+        expected = {k: tuple(v.shape) for k, v in LoopGPT(config).state_dict().items() if k != TIED}
+    _check_shapes(directory / WEIGHTS, expected)
+    check_memory(config, device, weights=True, dtype_bytes=torch.finfo(dtype).bits // 8)
+    evals = load_eval(directory)
     model = LoopGPT(config)
-    model.load_state_dict(_read_weights(directory / WEIGHTS, model), strict=True)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, load_eval(directory)
+    model.load_state_dict(_read_weights(directory / WEIGHTS), strict=True)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, evals
 
 
-def _read_weights(path: Path, model: LoopGPT) -> dict[str, torch.Tensor]:
+def _check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor present with the shape the config implies, read from the file's header alone."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file is missing")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    expected = {k: v for k, v in model.state_dict().items() if k != TIED}
-    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing, unknown = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])} for this config")
     if unknown:
         raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unknown[:5])} for this config")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise CheckpointError(
-                f"{path}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(v.shape)}"
-            )
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise CheckpointError(f"{path}: tensor {k} has shape {shapes[k]}, config.json implies {shape}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    for k, v in state.items():
+        # A NaN or inf weight makes every forward produce NaN logits: refuse it here, not at the first request.
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k} contains NaN or infinite values; the checkpoint is damaged")
     state = {k: v.float() for k, v in state.items()}
     state[TIED] = state["transformer.wte.weight"]
     return state
 
 
 def load_eval(directory: str | Path) -> dict | None:
+    """eval.json, checked: `{"loops": {"<n>": {"loss": <finite number>, ...}, ...}, ...}` (other keys free)."""
     path = Path(directory) / EVAL
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        evals = json.loads(path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    shape = 'expected {"loops": {"1": {"loss": 3.1}, ...}}'
+    if not isinstance(evals, dict) or not isinstance(evals.get("loops", {}), dict):
+        raise CheckpointError(f"{path}: {shape}")
+    for loops, row in evals.get("loops", {}).items():
+        loss = row.get("loss") if isinstance(row, dict) else None
+        if not (loops.isdigit() and int(loops) >= 1) or isinstance(loss, bool) or not isinstance(loss, int | float) \
+                or not math.isfinite(loss):
+            raise CheckpointError(f"{path}: entry {loops!r} is {json.dumps(row)[:80]}, {shape}")
+    return evals
+
+
+def _umask() -> int:
+    """The process umask without setting it (os.umask would race other threads); Linux shows it in /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

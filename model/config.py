@@ -68,6 +68,23 @@ class LoopGPTConfig:
         kept = loops if self.kv_budget == 0 else min(loops, self.kv_budget)
         return kept * self.n_layer * self.inner_loops
 
+    def num_params(self) -> int:
+        """Parameters of a LoopGPT of this config, position embeddings included, the tied head counted once:
+        known before anything is allocated, so a loader can refuse a model that cannot fit."""
+        d, bias = self.n_embd, int(self.bias)
+        norm = d * (1 + bias)
+        attn = d * 3 * d + 3 * d * bias + d * d + d * bias
+        mlp = d * 4 * d + 4 * d * bias + 4 * d * d + d * bias
+        gates = (self.max_loops - 1) * d if self.gate == "vector" and self.max_loops > 1 else 0
+        return (self.vocab_size + self.block_size) * d + self.n_layer * (2 * norm + attn + mlp) + norm + gates
+
+    def kv_cache_bytes(self, batch: int, max_len: int | None = None, loops: int | None = None,
+                       dtype_bytes: int = 4) -> int:
+        """Bytes of a KVCache of `batch` rows of `max_len` positions (default: the context) serving up to `loops`
+        outer loops (default: loop_cap): K and V, one (H, T, D) block per slot and row."""
+        slots = self.kv_slots(loops or self.loop_cap)
+        return 2 * slots * batch * (max_len or self.block_size) * self.n_embd * dtype_bytes
+
     def slot(self, loop: int, layer: int, j: int) -> int:
         """Slot of the (outer loop, layer, inner loop) application, as DESIGN.md defines it."""
         kept_loop = loop if self.kv_budget == 0 else loop % self.kv_budget

@@ -1,5 +1,5 @@
 """The FastAPI app factory: state, lifespan (load the model off the event loop, run the engine),
-error rendering, and the small routes (`/health`, `/v1/models`, `/metrics`, `/`).
+error rendering, and the small routes (`/health`, `/v1/models`, `/metrics`, `/`, `/docs`, `/openapi.json`).
 
     loopgpt serve --checkpoint checkpoints/demo      # builds this app and runs it under uvicorn
 """
@@ -7,6 +7,7 @@ error rendering, and the small routes (`/health`, `/v1/models`, `/metrics`, `/`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -14,34 +15,38 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from loopgpt.model.memory import check_memory
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from .engine import Engine
 from .metrics import ServerMetrics
+from .middleware import GuardMiddleware
+from .openapi import build_openapi, error_responses
+from .options import ServerOptions
 from .routes import router
 from .runner import Loaded, ModelRunner
-from .schemas import APIError
+from .schemas import APIError, Health, LoopsRange, ModelCard, ModelList
+
+__all__ = ["ServerOptions", "ServerState", "create_app"]
 
 log = logging.getLogger("loopgpt.server")
 STATIC = Path(__file__).resolve().parent / "static"
-
-
-@dataclass
-class ServerOptions:
-    max_batch: int = 8
-    max_queue: int = 64
-    max_body: int = 1 << 20  # bytes
-    api_key: str | None = None
-    prompt_nll: bool = True
-    prefill_chunk: int = 128  # prompt tokens prefilled per engine turn (chunked prefill)
-    compile: bool = False  # torch.compile the decode step and head (held by the runner)
-    cuda_graphs: bool = False  # replay the decode step and head as CUDA graphs, one per bucket
+# The pages load only their own files and talk only to this server; none may be framed (clickjacking).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
+KV_SHRINK = "--max-batch, --loop-cap or --max-context"
 
 
 @dataclass
@@ -70,26 +75,39 @@ class ServerState:
         return self.options.max_body
 
     def load(self) -> None:
+        """Load and start, in the loader thread; ANY failure ends `serve` (on_fatal) with one sentence."""
         try:
-            loaded = self.loader()
-            runner = ModelRunner(loaded.model, self.options.max_batch, device=loaded.device, dtype=loaded.dtype,
-                                 compile=self.options.compile, cuda_graphs=self.options.cuda_graphs)
-            if self.options.cuda_graphs or self.options.compile:
-                log.info("warming up: %d step variants captured/compiled", runner.warmup())
-        except (ValueError, OSError) as e:  # CheckpointError, BackendError, unreadable files
-            self.load_error = str(e)
-            log.error("cannot load the model: %s", e)
+            self.start(self.loader())
+        except Exception as e:  # logged (with its traceback when unexpected) and fatal
+            expected = isinstance(e, ValueError | OSError)  # CheckpointError, MemoryBudgetError, unreadable files
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            self.load_error = first_line if expected else f"unexpected {type(e).__name__} while loading: {first_line}"
+            log.error("cannot load the model: %s", self.load_error, exc_info=not expected)
             if self.on_fatal:
-                self.on_fatal(str(e))
-            return
-        self.metrics = ServerMetrics(loaded.model.config.loop_cap, loaded.evals)
-        engine = Engine(runner, loaded.tokenizer, self.options.max_queue, self.metrics, self.options.prompt_nll,
-                        self.options.prefill_chunk)
+                self.on_fatal(self.load_error)
+
+    def start(self, loaded: Loaded) -> None:
+        opt = self.options
+        loaded.model.config = serving_config(loaded.model.config, opt.loop_cap, opt.max_context)
+        check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
+                     dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
+        runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,
+                             compile=opt.compile, cuda_graphs=opt.cuda_graphs)
+        if opt.cuda_graphs or opt.compile:
+            log.info("warming up: %d step variants captured/compiled", runner.warmup())
+        cfg = loaded.model.config
+        self.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
+        engine = Engine(runner, loaded.tokenizer, opt.max_queue, self.metrics, opt.prompt_nll, opt.prefill_chunk)
         engine.start()
         self.loaded, self.engine = loaded, engine
         log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,
-                 loaded.device, self.config.loop_cap, self.config.max_loops, self.config.block_size,
-                 self.options.max_batch)
+                 loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, opt.max_batch)
+
+    def check_model(self, model: str | None) -> None:
+        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise)."""
+        if model is not None and model != self.name:
+            raise APIError(404, f"the model {model[:100]!r} does not exist here; this server serves {self.name!r} "
+                           "(GET /v1/models)", "model", code="model_not_found")
 
     def authorize(self, http: HTTPRequest) -> None:
         key = self.options.api_key
@@ -109,22 +127,37 @@ class ServerState:
             raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "prompt")
         return list(prompt)
 
+    def check_loops(self, loops: int) -> None:
+        if not 1 <= loops <= self.config.loop_cap:
+            raise APIError(400, f"loops must be in 1..{self.config.loop_cap}, got {loops}", "loops")
+
     def check_limits(self, n_prompt: int, max_tokens: int, loops: int) -> None:
         cfg = self.config
-        if not 1 <= loops <= cfg.loop_cap:
-            raise APIError(400, f"loops must be in 1..{cfg.loop_cap}, got {loops}", "loops")
+        self.check_loops(loops)
         if n_prompt < 1:
             raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
         if n_prompt >= cfg.block_size:
             raise APIError(400, f"prompt ({n_prompt} tokens) fills the context of {cfg.block_size} tokens; "
-                           "shorten it", "prompt")
+                           "shorten it", "prompt", code="context_length_exceeded")
         if n_prompt + max_tokens > cfg.block_size:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                           f"{cfg.block_size} tokens; shorten the prompt or lower max_tokens", "max_tokens")
+                           f"{cfg.block_size} tokens; shorten the prompt or lower max_tokens", "max_tokens",
+                           code="context_length_exceeded")
 
     @staticmethod
     def dumps(obj: dict) -> str:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def serving_config(cfg: Any, loop_cap: int, max_context: int) -> Any:
+    """The checkpoint's config with the server's caps (0: keep the checkpoint's); the model and the KV cache
+    read their limits from it, so a smaller cap is a smaller cache."""
+    if loop_cap and not cfg.max_loops <= loop_cap <= cfg.loop_cap:
+        raise ValueError(f"--loop-cap must be in {cfg.max_loops}..{cfg.loop_cap} for this checkpoint (its trained "
+                         f"loops .. its loop_cap), got {loop_cap}")
+    if max_context and not 2 <= max_context <= cfg.block_size:
+        raise ValueError(f"--max-context must be in 2..{cfg.block_size} for this checkpoint, got {max_context}")
+    return dataclasses.replace(cfg, loop_cap=loop_cap or cfg.loop_cap, block_size=max_context or cfg.block_size)
 
 
 def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = None) -> FastAPI:
@@ -138,9 +171,12 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
         if state.engine is not None:
             state.engine.stop()
 
-    app = FastAPI(title="loopgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
     app.include_router(router)
+    app.add_middleware(GuardMiddleware)
+    app.openapi = lambda: build_openapi(app, state)
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
 
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
@@ -151,38 +187,55 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
-    @app.get("/health")
+    add_info_routes(app, state)
+    return app
+
+
+def add_info_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", response_model=Health, responses=error_responses(503),
+             summary="200 when ready; 503 while loading or draining for shutdown")
     async def health() -> JSONResponse:
         if state.engine is None:
             message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
             return JSONResponse(APIError(503, message, code="not_ready").body(), status_code=503)
+        if state.engine.drain_deadline is not None:  # a load balancer must stop sending traffic now
+            return JSONResponse(APIError(503, "shutting down: finishing running requests", code="draining").body(),
+                                status_code=503)
         running, waiting = state.engine.counts()
-        return JSONResponse({"status": "ok", "model": state.name, "running": running, "waiting": waiting})
+        return JSONResponse(Health(model=state.name, running=running, waiting=waiting).model_dump())
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503),
+             summary="the served model, its loops range and eval loss per loop count")
     async def models(http: HTTPRequest) -> JSONResponse:
         state.authorize(http)
         if state.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
         cfg = state.config
         evals = (state.loaded.evals or {}).get("loops") or {}
-        card = {"id": state.name, "object": "model", "created": state.created, "owned_by": "loopgpt",
-                "loops": {"min": 1, "max": cfg.loop_cap, "default": cfg.max_loops, "trained": cfg.max_loops},
-                "context": cfg.block_size,
-                "eval_loss": {k: v["loss"] for k, v in evals.items() if isinstance(v, dict) and "loss" in v}}
-        return JSONResponse({"object": "list", "data": [card]})
+        card = ModelCard(id=state.name, created=state.created, context=cfg.block_size,
+                         loops=LoopsRange(min=1, max=cfg.loop_cap, default=cfg.max_loops, trained=cfg.max_loops),
+                         eval_loss={k: v["loss"] for k, v in evals.items()})
+        return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text exposition"}, **error_responses(503)},
+             summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         if state.metrics is None:
             raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse, summary="the playground page")
     async def index() -> HTMLResponse:
-        page = STATIC / "index.html"
-        if not page.is_file():
-            raise APIError(404, "no playground page is installed (server/static/index.html)")
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        return page("index.html")
 
-    return app
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return page("docs.html")
+
+
+def page(name: str) -> HTMLResponse:
+    path = STATIC / name
+    if not path.is_file():
+        raise APIError(404, f"page {name} is not installed (server/static/{name})")
+    return HTMLResponse(path.read_text(encoding="utf-8"), headers=PAGE_HEADERS)

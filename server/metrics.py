@@ -1,9 +1,10 @@
 """ServerMetrics: Prometheus series for latency and quality per loop count (names as in DESIGN.md).
 
 Every per-request series carries a `loops` label whose values are only the valid loop counts
-1..loop_cap, pre-created at 0 so that dashboards show every depth before the first request.
+1..loop_cap. The trained depths 1..max_loops are pre-created at 0, so that dashboards show them before the
+first request; deeper valid ones appear when first used (pre-creating all of them made one scrape 200 KB).
 Requests rejected before their loop count is known (or with an invalid one) count under
-`loops="invalid"` in `requests_total` only.
+`loops="invalid"` in `requests_total` only. No `_created` series: nothing reads them.
 
     curl -s 127.0.0.1:8000/metrics | grep '^loopgpt_'
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 PREFIX = "loopgpt"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -23,9 +24,12 @@ INVALID = "invalid"
 
 
 class ServerMetrics:
-    def __init__(self, loop_cap: int, evals: dict | None = None, registry: CollectorRegistry | None = None):
+    def __init__(self, loop_cap: int, evals: dict | None = None, registry: CollectorRegistry | None = None,
+                 trained: int | None = None):
+        disable_created_metrics()  # prometheus_client's switch is process-wide; it must precede the series
         self.registry = registry or CollectorRegistry()
         self.loop_cap = loop_cap
+        self.trained = min(trained or loop_cap, loop_cap)  # depths pre-created at 0
         r, ns = self.registry, PREFIX
         per_loops = ["loops"]
         self.requests = Counter("requests", "HTTP requests by endpoint, loops and status code",
@@ -60,7 +64,7 @@ class ServerMetrics:
                 self.eval_loss.labels(str(int(loops))).set(float(row["loss"]))
 
     def _precreate(self) -> None:
-        for n in range(1, self.loop_cap + 1):
+        for n in range(1, self.trained + 1):
             loops = str(n)
             for endpoint in ENDPOINTS:
                 self.requests.labels(endpoint, loops, "200")

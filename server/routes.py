@@ -22,7 +22,22 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
 from .engine import FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
-from .schemas import APIError, CompletionBody, GenerateBody, parse_body, query_loops, read_json
+from .openapi import error_responses, generation_doc, stream_content
+from .schemas import (
+    APIError,
+    CompletionBody,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    ErrorResponse,
+    GenerateBody,
+    GenerateFinalEvent,
+    GenerateResponse,
+    GenerateTokenEvent,
+    parse_body,
+    query_loops,
+    read_json,
+)
 
 router = APIRouter()
 RETRY_AFTER_S = "1"
@@ -36,9 +51,14 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
         state.authorize(http)
         if state.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
-        loops = query_loops(http.query_params.get("loops"))  # first, so that later errors carry its label
+        loops = query_loops(http.query_params.getlist("loops"))  # first, so that later errors carry its label
+        http.state.loops = loops  # for the 500 counter, should anything below fail unexpectedly
         body = parse_body(body_cls, await read_json(http, state.max_body))
+        if body.loops is not None:  # checked even when the query wins: a bad value is never silently ignored
+            state.check_loops(body.loops)
         loops = loops if loops is not None else body.loops if body.loops is not None else state.config.max_loops
+        http.state.loops = loops
+        state.check_model(getattr(body, "model", None))
         stop = body.stop_list()
         prompt_ids = state.encode_prompt(body.prompt_text_or_ids() if endpoint == "completions" else body.prompt)
         max_tokens = body.tokens_to_generate(len(prompt_ids), state.config.block_size)
@@ -57,9 +77,11 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
     except APIError as e:
         if state.metrics is not None:
             state.metrics.request(endpoint, loops, e.status)
+            http.state.counted = True
         raise
     if state.metrics is not None:
         state.metrics.request(endpoint, loops, 200)
+        http.state.counted = True
     return state, req, queue, body
 
 
@@ -118,7 +140,21 @@ def error_event(state, ev: FinishEvent) -> dict:
     return {"data": state.dumps(generation_failed(ev).body())}
 
 
-@router.post("/generate")
+TOKEN_EVENTS = ("with stream: one event per token `{text, token_id, index}`, a final event `{text, finish_reason, "
+                "usage, loops, timing, quality}`, then `[DONE]`; a request that fails alone in the engine ends "
+                "with an error event `{error}` instead of the final event")
+CHUNK_EVENTS = ("with stream: one `text_completion` chunk per token, the last with finish_reason (and, with "
+                "stream_options.include_usage, a chunk with usage and no choices), then `[DONE]`; a request that "
+                "fails alone in the engine ends with an error event `{error}` before `[DONE]`")
+GENERATION_ERRORS = (400, 401, 413, 415, 429, 500, 503)
+
+
+@router.post("/generate", summary="Generate text at a chosen depth (our shape)",
+             openapi_extra=generation_doc(GenerateBody),
+             responses={200: {"model": GenerateResponse, "description": "the completion (JSON, or SSE with stream)",
+                              "content": stream_content(TOKEN_EVENTS, GenerateTokenEvent, GenerateFinalEvent,
+                                                        ErrorResponse)},
+                        **error_responses(*GENERATION_ERRORS)})
 async def generate(http: HTTPRequest):
     state, req, queue, body = await submit(http, "generate", GenerateBody)
     if body.stream:
@@ -133,10 +169,14 @@ async def generate(http: HTTPRequest):
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
     text, final = await collect(state, req, queue, http)
-    return JSONResponse({"text": text, "model": state.name, **summary(final, req.loops)})
+    return JSONResponse(GenerateResponse(text=text, model=state.name, **summary(final, req.loops)).model_dump())
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", summary="OpenAI-compatible completions (`loops` as an extra field)",
+             openapi_extra=generation_doc(CompletionBody),
+             responses={200: {"model": CompletionResponse, "description": "the completion (JSON, or SSE with stream)",
+                              "content": stream_content(CHUNK_EVENTS, CompletionChunk, ErrorResponse)},
+                        **error_responses(*GENERATION_ERRORS, 404)})
 async def completions(http: HTTPRequest):
     state, req, queue, body = await submit(http, "completions", CompletionBody)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -161,6 +201,6 @@ async def completions(http: HTTPRequest):
         return EventSourceResponse(stream())
     text, final = await collect(state, req, queue, http)
     s = summary(final, req.loops)
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": final.finish_reason}
-    return JSONResponse({**head, "choices": [choice], "usage": s["usage"], "loops": req.loops,
-                         "timing": s["timing"], "quality": s["quality"]})
+    choice = CompletionChoice(index=0, text=text, finish_reason=final.finish_reason)
+    return JSONResponse(CompletionResponse(**head, choices=[choice], usage=s["usage"], loops=req.loops,
+                                           timing=s["timing"], quality=s["quality"]).model_dump())

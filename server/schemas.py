@@ -1,7 +1,10 @@
-"""Request bodies (pydantic) and OpenAI-shaped errors of the HTTP API.
+"""Request and response bodies (pydantic) and OpenAI-shaped errors of the HTTP API.
 
-Unknown fields are ignored, as OpenAI and vLLM do; every rejected field is named in the error's
-`param` so a client can fix it.
+One type rule for every field, OpenAI's: strict. A number is never read from a string (`"0.5"`) nor an
+integer from a float (`1.0`); a JSON integer is a valid float (`temperature: 1`). Unknown fields are ignored,
+as OpenAI and vLLM do; OpenAI fields this server does not implement yet (`n` > 1, `best_of` > 1, `echo`,
+`logprobs`, `suffix`) are refused by name. Every rejected field is named in the error's `param`.
+The OpenAPI document (`/openapi.json`) is generated from these models.
 
     python -c "from loopgpt.server.schemas import GenerateBody; print(GenerateBody(prompt='hi'))"
 """
@@ -9,9 +12,10 @@ Unknown fields are ignored, as OpenAI and vLLM do; every rejected field is named
 from __future__ import annotations
 
 import json
-from typing import ClassVar
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.requests import Request
 
 SEED_MAX = 2**63 - 1
@@ -34,17 +38,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class SamplingBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+Unsupported = WithJsonSchema({"type": "null", "description": "not supported yet: leave it out"})
 
-    max_tokens: int | None = Field(default=None, ge=1, strict=True)  # None: default_max_tokens, within context
-    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0, strict=True)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
-    stop: str | list[str] | None = Field(default=None)
-    stream: bool = False
-    loops: int | None = Field(default=None, strict=True)
+
+def documented(**constraints: Any) -> Any:
+    """Constraints stated in the OpenAPI schema but checked by our own code, whose error names the problem
+    better than a generic validation message ("stop takes at most 4 strings", "n is not supported yet")."""
+    return Field(json_schema_extra=constraints)
+
+
+class SamplingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate; prompt + max_tokens must "
+                                   "fit the context (default: the endpoint's default, cut to the context left)")
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False, description="0 is greedy")
+    top_k: int = Field(default=0, ge=0, description="keep the k likeliest tokens; 0 keeps all")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="seed for reproducible sampling")
+    stop: str | Annotated[list[str], documented(maxItems=4)] | None = Field(
+        default=None, description="up to 4 stop strings; the text ends before the first")
+    stream: bool = Field(default=False, description="Server-Sent Events, one per token")
+    loops: int | None = Field(default=None, description="outer loops (depth) for this request; a `loops` query "
+                              "parameter wins (default: the checkpoint's trained maximum)")
     default_max_tokens: ClassVar[int] = 64
 
     def tokens_to_generate(self, n_prompt: int, context: int) -> int:
@@ -59,23 +75,34 @@ class SamplingBody(BaseModel):
             raise APIError(400, f"stop takes at most 4 strings, got {len(stops)}", "stop")
         return [s for s in stops if s]
 
+    def check_supported(self) -> None:
+        """Refuse, by name, a field this server accepts in the schema but cannot honour yet."""
+
 
 class GenerateBody(SamplingBody):
-    prompt: str
+    prompt: str = Field(description="the text to continue", json_schema_extra={"minLength": 1})
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class CompletionBody(SamplingBody):
     """OpenAI's /v1/completions; `prompt` may be a string, a one-string list, or token ids."""
 
-    prompt: str | list[str] | list[int]
-    model: str | None = None
+    prompt: (Annotated[str, documented(minLength=1)]
+             | Annotated[list[Annotated[str, documented(minLength=1)]], documented(minItems=1, maxItems=1)]
+             | Annotated[list[int], documented(minItems=1)]) = Field(
+        description="a string, a list of one string, or a list of token ids")
+    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it")
     default_max_tokens: ClassVar[int] = 16  # OpenAI's default
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported yet")
+    best_of: int | None = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 1},
+                                description="only 1 is supported yet")
+    echo: bool = Field(default=False, json_schema_extra={"enum": [False]}, description="not supported yet: false")
+    logprobs: Annotated[int | None, Unsupported] = None
+    suffix: Annotated[str | None, Unsupported] = None
     stream_options: StreamOptions | None = None
 
     def prompt_text_or_ids(self) -> str | list[int]:
@@ -85,6 +112,143 @@ class CompletionBody(SamplingBody):
                 raise APIError(400, f"prompt: one prompt per request is supported, got {len(p)}", "prompt")
             return p[0]
         return p
+
+    def check_supported(self) -> None:
+        for name, refused in (("n", self.n != 1), ("best_of", self.best_of not in (None, 1)), ("echo", self.echo),
+                              ("logprobs", self.logprobs is not None), ("suffix", self.suffix is not None)):
+            if refused:
+                raise APIError(400, f"{name} is not supported yet (got {getattr(self, name)!r}); leave it out",
+                               name, code="unsupported_parameter")
+
+
+# ---- responses (documented in /openapi.json, and built through these models) ----
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timing(BaseModel):
+    ttft_s: float | None = Field(description="arrival to first token")
+    e2e_s: float = Field(description="arrival to the last event")
+    tokens_per_s: float = Field(description="completion tokens / e2e_s")
+
+
+class Quality(BaseModel):
+    prompt_nll: float | None = Field(description="mean NLL (nats) of the prompt's own tokens at this depth")
+    token_nll: float | None = Field(description="mean NLL (nats) of the generated tokens")
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    loops: int
+    timing: Timing
+    quality: Quality
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    loops: int
+    timing: Timing
+    quality: Quality
+
+
+class GenerateTokenEvent(BaseModel):
+    """One Server-Sent Event of a streamed /generate, per token."""
+
+    text: str
+    token_id: int
+    index: int
+
+
+class GenerateFinalEvent(BaseModel):
+    """The last event of a streamed /generate before `[DONE]`."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    loops: int
+    timing: Timing
+    quality: Quality
+
+
+class CompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed /v1/completions (OpenAI's `text_completion` chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(description="empty in the usage chunk")
+    usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
+    loops: int | None = Field(default=None, description="on the chunk that carries finish_reason")
+    timing: Timing | None = None
+    quality: Quality | None = None
+
+
+class LoopsRange(BaseModel):
+    min: int
+    max: int = Field(description="the largest loop count a request may ask for")
+    default: int
+    trained: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loopgpt"
+    loops: LoopsRange
+    context: int = Field(description="context in tokens: prompt + max_tokens")
+    eval_loss: dict[str, float] = Field(description="held-out loss per loop count, from the checkpoint's eval.json")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    running: int
+    waiting: int
+
+
+# ---- reading a body ----
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -102,28 +266,34 @@ async def read_json(request: Request, limit: int) -> dict:
         if len(body) > limit:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError as e:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, an integer over Python's 4300 digits, NaN
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     return data
 
 
-def parse_body(model: type[BaseModel], data: dict) -> BaseModel:
+def parse_body(model: type[SamplingBody], data: dict) -> SamplingBody:
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from e
+        err = e.errors(include_url=False)[0]
+        param = str(err["loc"][0]) if err["loc"] else None  # the top-level field, as OpenAI names it
+        where = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param) from e
+    body.check_supported()
+    return body
 
 
-def query_loops(raw: str | None) -> int | None:
-    """`?loops=N`; a non-integer is a 400 naming `loops`."""
-    if raw is None:
+def query_loops(values: list[str]) -> int | None:
+    """`?loops=N` (the values of every `loops` key); a non-integer or a repeated key is a 400 naming `loops`."""
+    if not values:
         return None
-    try:
-        return int(raw.strip())
-    except ValueError as e:
-        raise APIError(400, f"loops must be an integer, got {raw!r}", "loops") from e
+    if len(values) > 1:
+        raise APIError(400, f"loops is given {len(values)} times in the query; give it once", "loops")
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", values[0].strip()):
+        raise APIError(400, f"loops must be an integer, got {values[0][:40]!r}", "loops")
+    return int(values[0])

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -49,6 +50,19 @@ def drop_tensor(d):
     save_file(state, str(d / "model.safetensors"))
 
 
+def poison(value):
+    """One weight set to NaN or inf, as a diverged training run or a bit flip leaves it."""
+    def mutate(d):
+        state = load_file(str(d / "model.safetensors"))
+        state["transformer.h.1.mlp.c_fc.weight"][3, 5] = value
+        save_file(state, str(d / "model.safetensors"))
+    return mutate
+
+
+def write_eval(text):
+    return lambda d: (d / "eval.json").write_text(text)
+
+
 CASES = {
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors: weights file is missing"),
     "missing config": (lambda d: (d / "config.json").unlink(), r"config\.json: config file is missing"),
@@ -65,6 +79,18 @@ CASES = {
     "missing tokenizer file": (lambda d: (d / "tokenizer.tiktoken").unlink(),
                                r"tokenizer\.tiktoken: tokenizer file is missing"),
     "missing tensor": (drop_tensor, r"missing tensor\(s\) transformer\.ln_f\.weight"),
+    # n_embd 1.2 M would need terabytes: refused from the file's header before anything is allocated.
+    "absurd n_embd": (set_config("n_embd", 1_200_000),
+                      r"tensor \S+ has shape \(\d+, 32\), config\.json implies \(\d+, 1200000\)"),
+    "nan weight": (poison(float("nan")), r"tensor transformer\.h\.1\.mlp\.c_fc\.weight contains NaN or infinite"),
+    "inf weight": (poison(float("-inf")), r"tensor transformer\.h\.1\.mlp\.c_fc\.weight contains NaN or infinite"),
+    "eval.json wrong shape": (write_eval('{"loops": {"1": 3.0}}'), r"eval\.json: entry '1' is 3\.0, expected"),
+    "eval.json not an object": (write_eval("[1, 2]"), r"eval\.json: expected \{\"loops\""),
+    "eval.json loops not an object": (write_eval('{"loops": [3.0]}'), r"eval\.json: expected \{\"loops\""),
+    "eval.json bad loops key": (write_eval('{"loops": {"one": {"loss": 3}}}'), r"eval\.json: entry 'one' is"),
+    "eval.json loss not finite": (write_eval('{"loops": {"2": {"loss": NaN}}}'), r"eval\.json: entry '2' is"),
+    "eval.json loss a string": (write_eval('{"loops": {"2": {"loss": "3.1"}}}'), r"eval\.json: entry '2' is"),
+    "eval.json invalid": (write_eval("{"), r"eval\.json: not valid JSON"),
 }
 
 
@@ -75,6 +101,15 @@ def test_broken_checkpoint_fails_with_one_sentence(case, tiny_checkpoint, tmp_pa
     with pytest.raises(CheckpointError, match=pattern) as info:
         load_checkpoint(d)
     assert "\n" not in str(info.value)
+
+
+def test_saved_weights_are_readable_as_any_file_open_writes(tiny_checkpoint, tmp_path):
+    """safetensors writes 0600; a checkpoint must be readable by others (a container's non-root user)."""
+    model, tokenizer, _ = load_checkpoint(tiny_checkpoint)
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer)
+    (tmp_path / "plain").write_text("x")
+    mode = os.stat(tmp_path / "ckpt" / "model.safetensors").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777  # 0666 less the umask: 0644 under umask 022
 
 
 def test_missing_directory(tmp_path):

@@ -40,7 +40,7 @@ def test_decode_step_never_waits_for_the_device(cuda_graphs):
         runner.warmup(max_ctx=64)
         prompts = [tokenizer.encode(p) for p in ("Once upon a time", "The dog", "She said")]
         plan = StepPlan(prefill=[PrefillChunk(r, p, 0, 6) for r, p in enumerate(prompts)],
-                        samples=[Sample(r, SAMPLED, r, 0) for r in range(3)])
+                        samples=[Sample(r, r, r, SAMPLED, r, 0) for r in range(3)])  # one lane per row
         runner.run(plan).result()
         pos = [len(p) for p in prompts]
         torch.cuda.synchronize()
@@ -51,8 +51,9 @@ def test_decode_step_never_waits_for_the_device(cuda_graphs):
             for step in range(12):
                 loops = [step % n for n in depth]
                 last = [r for r in range(3) if loops[r] == depth[r] - 1]
-                samples = [Sample(r, SAMPLED if r else GREEDY, r, step) for r in last]
-                pending.append(runner.run(StepPlan(rows=[0, 1, 2], pos=pos, loop=loops, samples=samples)))
+                samples = [Sample(r, r, r, SAMPLED if r else GREEDY, r, step) for r in last]
+                plan = StepPlan(lanes=[0, 1, 2], rows=[0, 1, 2], pos=pos, loop=loops, samples=samples)
+                pending.append(runner.run(plan))
                 pos = [p + (r in last) for r, p in enumerate(pos)]
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -119,22 +119,33 @@ def browser():
 
 
 @contextlib.contextmanager
-def open_page(browser, url: str):
-    """A fresh browser context on the playground; fails the test on any uncaught JavaScript error."""
+def open_page(browser, url: str, path: str = "/"):
+    """A fresh browser context on a page of the server, under its real Content-Security-Policy; fails the test
+    on any uncaught JavaScript error and on anything the policy blocked."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(url + path)
     yield page
     context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not errors, f"JavaScript errors or blocked content on the page: {errors}"
+
+
+def wait_for(page, expression: str, timeout: float) -> None:
+    """Poll a JavaScript expression until it is true. Playwright's wait_for_function compiles its predicate with
+    eval() inside the page, which the page's policy (rightly) forbids; evaluate() runs it from outside."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout / 1000:.0f} s: {expression}"
+        time.sleep(0.05)
 
 
 @pytest.fixture
 def page(browser, server):
     with open_page(browser, server) as page:
-        page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+        wait_for(page, "document.getElementById('status').textContent === 'ready'", timeout=10_000)
         yield page
 
 
@@ -183,7 +194,7 @@ def test_generate_streams_text_and_timing(page, server, tmp_path):
     page.fill("#max-tokens", "24")
     page.click("#generate")
     pane = page.locator(".pane.a")
-    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=30_000)
+    wait_for(page, "document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=30_000)
     assert pane.locator(".error").inner_text() == ""
     assert pane.locator(".tag").inner_text() == "loops 3"
     assert pane.locator(".completion").inner_text().strip() != ""
@@ -205,7 +216,7 @@ def test_compare_mode_runs_two_loop_counts_side_by_side(page, tmp_path):
     page.fill("#max-tokens", "16")
     page.fill("#seed", "7")
     page.click("#generate")
-    page.wait_for_function("[...document.querySelectorAll('.pane')].every(p => p.dataset.done === 'true')"
+    wait_for(page, "[...document.querySelectorAll('.pane')].every(p => p.dataset.done === 'true')"
                            " && document.querySelectorAll('.pane').length === 2", timeout=30_000)
     tags = page.locator(".pane .tag").all_inner_texts()
     assert tags == ["loops 4", "loops 1"]
@@ -222,12 +233,12 @@ def test_stop_aborts_the_stream_on_the_server(page, server):
     page.fill("#temperature", "0")
     page.fill("#max-tokens", str(max_tokens))
     page.click("#generate")
-    page.wait_for_function("document.querySelector('.pane.a .completion')?.textContent.length > 0",
+    wait_for(page, "document.querySelector('.pane.a .completion')?.textContent.length > 0",
                            timeout=30_000)
     # The engine publishes its gauges after each step, so the first token can arrive before the gauge moves.
     wait_for_metric(server, "loopgpt_requests_running", 1)
     page.click("#stop")
-    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=5_000)
+    wait_for(page, "document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=5_000)
     assert page.locator(".pane.a [data-stat=finish]").inner_text() == "stopped"
     assert page.locator("#generate").is_enabled() and page.locator("#stop").is_disabled()
     wait_for_metric(server, "loopgpt_requests_running", 0)
@@ -238,7 +249,7 @@ def test_stop_aborts_the_stream_on_the_server(page, server):
 def test_a_rejected_request_shows_the_servers_message(page):
     page.fill("#max-tokens", str(BLOCK * 4))
     page.click("#generate")
-    page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
+    wait_for(page, "document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
     error = page.locator(".pane.a .error").inner_text()
     assert error.startswith("400: ") and "context" in error, error
     assert page.locator(".pane.a .completion").inner_text() == ""
@@ -248,14 +259,23 @@ def test_a_rejected_request_shows_the_servers_message(page):
 def test_api_key_field_is_sent_as_bearer_token(browser, tiny_checkpoint, tmp_path):
     with serving(tiny_checkpoint, tmp_path / "serve.log", "--api-key", "s3cret") as url, \
             open_page(browser, url) as page:
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('401: ')",
+        wait_for(page, "document.getElementById('status').textContent.startsWith('401: ')",
                                timeout=10_000)
         assert page.locator("#key-box").get_attribute("open") is not None  # the page asks for the key
         page.fill("#api-key", "s3cret")
         page.press("#api-key", "Enter")
-        page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=10_000)
+        wait_for(page, "document.getElementById('status').textContent === 'ready'", timeout=10_000)
         page.fill("#max-tokens", "8")
         page.click("#generate")
-        page.wait_for_function("document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
+        wait_for(page, "document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=10_000)
         assert page.locator(".pane.a .error").inner_text() == ""
         assert page.locator(".pane.a [data-stat=tokens]").inner_text() == "8"
+
+
+def test_docs_page_renders_the_api_under_its_policy(browser, server):
+    with open_page(browser, server, "/docs") as page:
+        wait_for(page, "document.body.dataset.ready === 'true'", timeout=10_000)
+        operations = page.locator(".op h3").all_inner_texts()
+        assert any("/generate" in op for op in operations) and any("/v1/completions" in op for op in operations)
+        row = page.locator("#schema-GenerateBody tr", has_text="loops").first.inner_text()
+        assert f"maximum {LOOP_CAP}" in row  # the live limit of the served checkpoint

@@ -1,0 +1,66 @@
+"""GuardMiddleware: the outermost layer of our own: `X-Content-Type-Options: nosniff` on every response, and
+any exception nobody handled becomes a logged (with its traceback), counted, OpenAI-shaped 500.
+
+Starlette's own last resort answers `500 text/plain Internal Server Error`, logs the exception a second
+time through uvicorn and counts nothing; this layer sits inside it, so that never happens.
+
+    python -m pytest tests/test_server_http.py -q -k "500 or nosniff"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("loopgpt.server")
+
+# requests_total's `endpoint` label for each route; other paths cannot raise (they are 404s).
+ENDPOINT_LABELS = {"/generate": "generate", "/v1/completions": "completions", "/v1/models": "models",
+                   "/health": "health", "/metrics": "metrics", "/": "index", "/docs": "docs",
+                   "/openapi.json": "openapi"}
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), NOSNIFF]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:  # the last resort: a bug of ours, never the client's input
+            path = scope.get("path", "")
+            log.exception("unhandled error in %s %s", scope.get("method"), path)
+            count_500(scope, ENDPOINT_LABELS.get(path, "other"))
+            if started:  # a stream already answered 200: all we can do is end it, which the server does
+                return
+            body = {"error": {"message": "internal server error: the server logged the cause; please report it",
+                              "type": "server_error", "param": None, "code": "internal_error"}}
+            await send_with_headers({"type": "http.response.start", "status": 500,
+                                     "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+def count_500(scope: Scope, endpoint: str) -> None:
+    """Count the failure in requests_total once: not if the route already counted this request."""
+    app: Any = scope.get("app")
+    state = getattr(getattr(app, "state", None), "loopgpt", None)
+    request_state = scope.get("state") or {}
+    if state is None or state.metrics is None or request_state.get("counted"):
+        return
+    state.metrics.request(endpoint, request_state.get("loops"), 500)

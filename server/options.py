@@ -1,0 +1,124 @@
+"""ServerOptions: every `loopgpt serve` setting, its default and its help written once, as a dataclass field;
+the command's flags are generated from it (as `train/commands.py` does for TrainConfig).
+
+A new setting is one line: `name: type = option(default, "help", choices=...)`; it becomes `--name`
+(a bool that defaults to True becomes `--no-name`), validated in `__post_init__` if it needs a range.
+
+    loopgpt serve --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CHECKPOINT = "checkpoints/demo"  # the CLI passes the installed demo's absolute path instead
+
+
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A field with its flag's help text; `flag` holds extra argparse arguments (`choices`) and `env`, the
+    environment variable read when the flag is not given."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass
+class ServerOptions:
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "checkpoint directory (or ONNX export directory with --backend onnx)")
+    host: str = option("127.0.0.1", "address to bind")
+    port: int = option(8000, "TCP port to listen on")
+    backend: str = option("torch", "model runtime", choices=("torch", "onnx"))
+    device: str = option("auto", "device for the model", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "weights, activations and KV cache (auto: bfloat16 on a CUDA device that supports it, "
+                        "else float32); sampling and NLL metrics are always float32",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = option(False, "torch.compile the decode step and the sampling head (opt-in; eager is the "
+                           "reference)")
+    cuda_graphs: bool = option(False, "capture the decode step per batch/context bucket as CUDA graphs and replay "
+                               "them (CUDA only)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on generation routes and /v1/models; "
+                                 "visible to other users in `ps`: prefer $LOOPGPT_API_KEY or --api-key-file",
+                                 env="LOOPGPT_API_KEY")
+    api_key_file: str | None = option(None, "read the API key from this file (first line), instead of --api-key")
+    max_batch: int = option(8, "KV-cache rows: requests decoded together")
+    max_queue: int = option(64, "requests waiting for a row before 429")
+    max_body: int = option(1 << 20, "request body limit in bytes (413 above)")
+    loop_cap: int = option(0, "largest loop count a request may ask for, at most the checkpoint's loop_cap "
+                           "(0: the checkpoint's); the KV cache holds one slot per loop, so this shrinks it")
+    max_context: int = option(0, "context in tokens (prompt + max_tokens), at most the checkpoint's block_size "
+                              "(0: the checkpoint's); shrinks the KV cache")
+    shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
+    prefill_chunk: int = option(128, "prompt tokens prefilled per engine step (chunked prefill): smaller keeps running "
+                                "streams smooth while long prompts arrive, larger prefills faster")
+    prompt_nll: bool = option(True, "score each prompt's own tokens (the prompt_nll metric and field)")
+    threads: int = option(0, "CPU threads for the model (0: cores - 1, leaving one for HTTP; oversubscribed OpenMP "
+                          "threads spin and can make decoding many times slower)")
+    log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_body", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("loop_cap", "max_context"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{flag_name(name)} must be >= 1 (or 0 for the checkpoint's), got {value}")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 1 (or 0 for cores - 1), got {self.threads}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.api_key_file:
+            if self.api_key:
+                raise ValueError("give --api-key (or $LOOPGPT_API_KEY) or --api-key-file, not both")
+            self.api_key = read_key_file(self.api_key_file)
+        self.api_key = self.api_key or None  # an empty key means no key, as an unset variable does
+
+
+def read_key_file(path: str) -> str:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") \
+            from e
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ValueError(f"--api-key-file {path}: the file is empty; put the key on its first line")
+    return key
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_option_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per ServerOptions field; `defaults` overrides a field's default (the CLI's demo path)."""
+    for f in dataclasses.fields(ServerOptions):
+        meta = dict(f.metadata)
+        help_text, env = meta.pop("help"), meta.pop("env", None)
+        default = (defaults or {}).get(f.name, f.default)
+        if isinstance(default, bool):
+            flag = flag_name(f.name) if not default else "--no-" + f.name.replace("_", "-")
+            action = "store_false" if default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=default,
+                                help=("do not " if default else "") + help_text)
+            continue
+        shown = f"${env}" if env else default
+        suffix = f" (default: {shown})" if shown is not None else ""
+        # A flag backed by an environment variable defaults to None here and is read in options_from_args, so
+        # that a value from the environment is never confused with one typed on the command line.
+        parser.add_argument(flag_name(f.name), dest=f.name, type=str if default is None else type(default),
+                            default=None if env else default, help=help_text + suffix, **meta)
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)}
+    for f in dataclasses.fields(ServerOptions):
+        env = f.metadata.get("env")
+        if env and values[f.name] is None:
+            values[f.name] = os.environ.get(env)
+    return ServerOptions(**values)

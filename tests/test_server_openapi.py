@@ -1,0 +1,68 @@
+"""`/openapi.json` states the real contract (bodies from the routes' own pydantic models, the loaded checkpoint's
+limits, the API key when there is one) and `/docs` is a self-contained page. The fuzz test holds the server
+to the document; the playground test renders /docs in Chromium.
+
+    python -m pytest tests/test_server_openapi.py -q
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_harness import running_server
+
+ROUTES = {("/generate", "post"), ("/v1/completions", "post"), ("/v1/models", "get"), ("/health", "get"),
+          ("/metrics", "get"), ("/", "get")}
+
+
+@pytest.fixture(scope="module")
+def document(tiny_checkpoint):
+    with running_server(tiny_checkpoint, max_batch=1, max_context=48) as (url, _):
+        yield httpx.get(f"{url}/openapi.json").json(), url
+
+
+def test_every_route_is_described(document):
+    doc, _ = document
+    assert {(path, method) for path, ops in doc["paths"].items() for method in ops} == ROUTES
+    assert "securitySchemes" not in doc["components"]  # no key, so no auth to document
+
+
+def test_generation_bodies_are_the_routes_models_with_the_checkpoints_limits(document):
+    doc, _ = document
+    schemas = doc["components"]["schemas"]
+    for path, body in (("/generate", "GenerateBody"), ("/v1/completions", "CompletionBody")):
+        op = doc["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{body}")
+        assert [p["schema"] for p in op["parameters"] if p["name"] == "loops"] == \
+            [{"type": "integer", "minimum": 1, "maximum": 16}]
+        assert set(op["responses"]) == {"200", "400", "401", "413", "415", "429", "500", "503"} | \
+            ({"404"} if path == "/v1/completions" else set())
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+        props = schemas[body]["properties"]
+        assert schemas[body]["required"] == ["prompt"]
+        loops = next(b for b in props["loops"]["anyOf"] if b["type"] == "integer")
+        max_tokens = next(b for b in props["max_tokens"]["anyOf"] if b["type"] == "integer")
+        assert (loops["minimum"], loops["maximum"], max_tokens["maximum"]) == (1, 16, 47)  # --max-context 48
+    ids = next(b for b in schemas["CompletionBody"]["properties"]["prompt"]["anyOf"]
+               if b.get("items", {}).get("type") == "integer")
+    assert ids["items"] == {"type": "integer", "minimum": 0, "maximum": 511}
+    assert schemas["CompletionBody"]["properties"]["echo"]["enum"] == [False]
+    assert schemas["CompletionBody"]["properties"]["logprobs"]["type"] == "null"
+    for name in ("GenerateResponse", "CompletionResponse", "CompletionChunk", "GenerateTokenEvent", "ErrorResponse",
+                 "ModelList", "Health"):
+        assert name in schemas, name
+
+
+def test_docs_page_is_self_contained(document):
+    _, url = document
+    r = httpx.get(f"{url}/docs")
+    assert r.status_code == 200 and "/openapi.json" in httpx.get(f"{url}/static/docs.js").text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN: it works offline
+
+
+def test_the_api_key_is_documented_when_there_is_one(tiny_checkpoint):
+    with running_server(tiny_checkpoint, max_batch=1, api_key="k") as (url, _):
+        doc = httpx.get(f"{url}/openapi.json").json()
+    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    secured = {path for path, ops in doc["paths"].items() for op in ops.values() if "security" in op}
+    assert secured == {"/generate", "/v1/completions", "/v1/models"}
