@@ -40,6 +40,7 @@ class ServerOptions:
     api_key: str | None = None
     prompt_nll: bool = True
     prefill_chunk: int = 128  # prompt tokens prefilled per engine turn (chunked prefill)
+    replica: str | None = None  # sent as `x-loopgpt-replica` on every response (Ray replica id, pod name)
 
 
 @dataclass
@@ -122,6 +123,25 @@ class ServerState:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+class ReplicaHeader:
+    """Names the replica that answered (`x-loopgpt-replica`), so that a client behind a router (Ray's proxy,
+    a Kubernetes Service) can count who served it. Pure ASGI: streaming and disconnects pass through untouched."""
+
+    def __init__(self, app, name: str):
+        self.app, self.header = app, (b"x-loopgpt-replica", name.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = None) -> FastAPI:
     """An app that loads the model in a background thread at startup and stops its engine at shutdown."""
     state = ServerState(loader, options or ServerOptions())
@@ -136,6 +156,8 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
     app = FastAPI(title="loopgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.loopgpt = state
     app.include_router(router)
+    if state.options.replica:
+        app.add_middleware(ReplicaHeader, name=state.options.replica)
 
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
