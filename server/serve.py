@@ -21,6 +21,7 @@ from sse_starlette.sse import AppStatus
 
 from .app import ServerOptions, create_app
 from .runner import ONNX_MISSING, BackendError, load_backend
+from .scale_out import add_ray_args, parse_scaling, serve_ray
 
 log = logging.getLogger("loopgpt.server")
 
@@ -48,6 +49,9 @@ def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
                    help="CPU threads for the model (default: cores - 1, leaving one for HTTP; oversubscribed "
                         "OpenMP threads spin and can make decoding many times slower)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--replica-name", default=os.environ.get("LOOPGPT_REPLICA"),
+                   help="name sent in the x-loopgpt-replica response header (default: $LOOPGPT_REPLICA)")
+    add_ray_args(p)
 
 
 class DrainingServer(uvicorn.Server):
@@ -80,16 +84,19 @@ def check_args(args: argparse.Namespace) -> None:
     if args.backend == "torch":
         resolve_device(args.device)
         load_config(args.checkpoint)  # a bad directory fails now, in one sentence, before binding
+    parse_scaling(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray:
+        return serve_ray(args)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     log.info("model threads: %d", torch.get_num_threads())
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                             api_key=args.api_key or None, prompt_nll=args.prompt_nll,
-                            prefill_chunk=args.prefill_chunk)
+                            prefill_chunk=args.prefill_chunk, replica=args.replica_name or None)
     app = create_app(lambda: load_backend(args.checkpoint, args.backend, args.device, args.onnx_loader), options)
     state = app.state.loopgpt
     # Our engine decides when streams end on shutdown; sse-starlette would otherwise cut them at once.
