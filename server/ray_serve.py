@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +209,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     `args` are ReplicaSettings fields; `checkpoint` is resolved here, against the directory `serve run` runs in.
     Replica count, autoscaling and resources come from the config file's `deployments:` section."""
     args = dict(args)
-    if "checkpoint" not in args:
-        raise ValueError("the Ray Serve config's args need `checkpoint: DIR` (e.g. checkpoints/demo)")
+    unknown = sorted(set(args) - ({f.name for f in fields(ReplicaSettings)} - {"onnx_loader"}))
+    if unknown or "checkpoint" not in args:
+        raise ValueError(f"the Ray Serve config's args take checkpoint (required), backend, device, threads, server, "
+                         f"metrics_port, metrics_sd_dir; got {', '.join(unknown) or 'no checkpoint'}")
     args["checkpoint"] = str(Path(args["checkpoint"]).resolve())
-    return LoopGPTReplica.bind(asdict(ReplicaSettings(**args)))
+    server = {"api_key": os.environ.get("LOOPGPT_API_KEY") or None, **args.get("server", {})}
+    try:
+        ServerOptions(**server)
+    except TypeError as e:
+        raise ValueError(f"the Ray Serve config's args.server takes ServerOptions fields: {e}") from None
+    return LoopGPTReplica.bind(asdict(ReplicaSettings(**{**args, "server": server})))
 
 
 def settings_from_args(args: argparse.Namespace, threads: int) -> ReplicaSettings:

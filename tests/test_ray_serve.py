@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_harness import free_port, sse_events
 from test_server_metrics import prometheus_binary, query, wait_for
 
-# Before Ray is imported: a single-node cluster on loopback (Ray's macOS/Windows mode), so nothing of this
-# test listens on, or talks to, any other address.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# conftest.py keeps the cluster on loopback: nothing of this test listens on, or talks to, another address.
 if os.environ.get("CI") == "true":
     import ray  # the dev extra installs it: in CI a missing Ray is a failure, not a skip
 else:
@@ -230,13 +227,3 @@ def test_scale_down_drains_the_streams_of_the_removed_replica(cluster):
             break
         assert time.monotonic() < deadline, f"replicas {states}, metrics targets {targets}"
         time.sleep(0.5)
-
-
-def test_serve_ray_without_ray_names_the_extra():
-    code = ("import sys; sys.modules['ray'] = None; from loopgpt.cli import main; "
-            "sys.exit(main(['serve', '--ray', '--replicas', '2', '--checkpoint', sys.argv[1]]))")
-    out = subprocess.run([sys.executable, "-c", code, str(DEMO)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines() == [
-        "loopgpt serve: error: --ray needs Ray Serve, which is not installed: pip install 'loopgpt[ray]' "
-        "(ray is missing)"]
