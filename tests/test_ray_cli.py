@@ -1,7 +1,7 @@
 """`loopgpt serve --ray` as a user runs it, and the Ray Serve config file under deploy/ray/.
 
 - the CLI starts a local Ray cluster with one replica, answers through Ray's proxy (named by the replica's
-  header), and on SIGTERM drains, stops Ray and exits 0 with no Ray process left behind;
+  header, the API key enforced), and on SIGTERM drains, stops Ray and exits 0 with no Ray process left behind;
 - without Ray installed, `--ray` is one sentence naming the extra; bad scaling flags are one sentence;
 - deploy/ray/loopgpt.yaml passes Ray Serve's own config schema and builds the application it names.
 
@@ -62,7 +62,7 @@ def test_serve_ray_answers_through_the_proxy_and_stops_cleanly_on_sigterm(tmp_pa
     port = free_port()
     cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--ray", "--replicas", "1", "--threads", "1",
            "--checkpoint", str(DEMO), "--device", "cpu", "--port", str(port), "--shutdown-grace", "2",
-           "--metrics-sd-dir", str(tmp_path / "sd"), "--log-level", "warning"]
+           "--metrics-sd-dir", str(tmp_path / "sd"), "--api-key", "sekret", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"),
                             start_new_session=True)  # a signal for it alone, as a process manager sends
     url, ray_processes = f"http://127.0.0.1:{port}", set()
@@ -78,7 +78,10 @@ def test_serve_ray_answers_through_the_proxy_and_stops_cleanly_on_sigterm(tmp_pa
                 pass
             assert time.monotonic() < deadline, "loopgpt serve --ray was not healthy within 120 s"
             time.sleep(0.5)
-        r = httpx.post(f"{url}/generate?loops=2", json={"prompt": "Once upon a time", "max_tokens": 4}, timeout=60)
+        body = {"prompt": "Once upon a time", "max_tokens": 4}
+        denied = httpx.post(f"{url}/generate?loops=2", json=body, timeout=60)  # our errors, through Ray's proxy
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(f"{url}/generate?loops=2", json=body, headers={"Authorization": "Bearer sekret"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         replica = r.headers["x-loopgpt-replica"]
         assert [f.stem for f in (tmp_path / "sd").glob("*.json")] == [replica]
