@@ -43,7 +43,8 @@ class Scaling:
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scale out with Ray Serve (pip install 'loopgpt[ray]')")
     g.add_argument("--ray", action="store_true",
-                   help="serve through Ray Serve: several replicas, each its own engine, behind Ray's HTTP proxy")
+                   help="serve through Ray Serve: several replicas, each its own engine with --threads torch threads "
+                        "(default 1 under --ray), behind Ray's HTTP proxy on --host/--port")
     g.add_argument("--replicas", type=int, default=None, help="with --ray: a fixed number of replicas (default 1)")
     g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="with --ray: let Ray's autoscaler keep between MIN and MAX replicas (MIN may be 0)")

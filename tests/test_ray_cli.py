@@ -26,7 +26,8 @@ if os.environ.get("CI") == "true":
     import ray  # noqa: F401  (the dev extra installs it: in CI a missing Ray is a failure, not a skip)
 else:
     pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'loopgpt[ray]')")
-from loopgpt.server.ray_serve import DEPLOYMENT, build_app  # noqa: E402
+from loopgpt.server.ray_serve import DEPLOYMENT, LoopGPTReplica, ReplicaSettings, build_app, deployment_options  # noqa: E402
+from loopgpt.server.scale_out import Scaling  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from loopgpt.cli import main  # noqa: E402
@@ -149,3 +150,24 @@ def test_config_args_that_are_not_settings_are_one_sentence():
         build_app({"chekpoint": "checkpoints/demo"})
     with pytest.raises(ValueError, match="args.server takes ServerOptions fields"):
         build_app({"checkpoint": str(DEMO), "server": {"max_batchh": 8}})
+
+
+@pytest.mark.parametrize("scaling, expect", [
+    (Scaling(replicas=3), {"num_replicas": 3}),
+    (Scaling(autoscale=(0, 4), target_ongoing=2),
+     {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                             "target_ongoing_requests": 2}}),
+    (Scaling(autoscale=(2, 6)),  # the target defaults to a full batch per replica
+     {"autoscaling_config": {"min_replicas": 2, "max_replicas": 6, "initial_replicas": 2,
+                             "target_ongoing_requests": 8}}),
+])
+def test_scaling_flags_become_deployment_options_ray_accepts(scaling, expect):
+    settings = ReplicaSettings(checkpoint=str(DEMO), threads=2, server={"max_batch": 8, "max_queue": 64})
+    options = deployment_options(settings, scaling, grace_s=12.5, gpus=1.0)
+    assert {k: options[k] for k in expect} == expect
+    assert options["max_ongoing_requests"] == 8 + 64 and options["graceful_shutdown_timeout_s"] == 12.5
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1.0}
+    config = LoopGPTReplica.options(**options)._deployment_config  # Ray's own validation of every option
+    assert config.graceful_shutdown_timeout_s == 12.5
+    if scaling.autoscale:
+        assert config.autoscaling_config.max_replicas == scaling.autoscale[1]
