@@ -34,7 +34,7 @@ from ray import serve
 
 from .app import ServerOptions, create_app
 from .runner import load_backend
-from .scale_out import Scaling
+from .scale_out import ScaleOutError, Scaling
 
 log = logging.getLogger("loopgpt.server")
 APP_NAME = "loopgpt"
@@ -240,7 +240,11 @@ def run_cluster(args: argparse.Namespace, scaling: Scaling) -> int:
         gpus = 1.0 if resolve_device(args.device) == "cuda" else 0.0
     settings = settings_from_args(args, threads)
     app = application(settings, scaling, args.shutdown_grace, gpus)
-    ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    except ConnectionError:  # 'auto' with no cluster on this node
+        raise ScaleOutError(f"no Ray cluster to join at {args.ray_address!r}: start one with `ray start --head`, or "
+                            "leave out --ray-address to start a local one") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -254,7 +258,11 @@ def run_cluster(args: argparse.Namespace, scaling: Scaling) -> int:
         stop.wait()
         log.info("stopping: replicas drain for up to %.1f s", args.shutdown_grace)
     finally:
-        serve.shutdown()  # graceful: each replica waits for its streams, as on scale-down
+        # Graceful: each replica waits for its streams, as on scale-down. A cluster we only joined keeps its Serve.
+        if args.ray_address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
         ray.shutdown()
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 
 RAY_MISSING = "--ray needs Ray Serve, which is not installed: pip install 'loopgpt[ray]'"
@@ -93,9 +94,28 @@ def parse_scaling(args: argparse.Namespace) -> Scaling:
     return Scaling(autoscale=(low_n, high_n), target_ongoing=args.target_ongoing)
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """What Ray would otherwise report as a traceback from its proxy actor, or as a minute of retries."""
+    if args.ray_address is None:  # a local cluster: its proxy binds --host:--port here
+        with socket.socket() as s:
+            try:
+                s.bind((args.host, args.port))
+            except OSError as e:
+                raise ScaleOutError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
+                                    "choose another --port") from None
+    elif args.ray_address != "auto":
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ScaleOutError(f"cannot reach the Ray cluster at {args.ray_address} ({e}); give its head node's "
+                                "host:port (from `ray start --head`), or 'auto' on one of its nodes") from None
+
+
 def serve_ray(args: argparse.Namespace) -> int:
     """Hand `loopgpt serve --ray` to the Ray Serve module; without Ray, one sentence naming the extra."""
     scaling = parse_scaling(args)
+    preflight(args)
     if args.ray_address is None and args.host in ("127.0.0.1", "localhost"):
         # A local cluster for a loopback server stays on loopback. Ray otherwise binds its node services to the
         # machine's outward address; this switch (read when ray is imported) is what it uses on macOS/Windows.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +124,19 @@ def test_bad_scaling_flags_are_one_sentence(flags, message, capsys):
     assert main(["serve", "--checkpoint", str(DEMO), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_busy_port_or_an_unreachable_cluster_is_one_sentence(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--ray", "--checkpoint", str(DEMO), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    closed = free_port()  # nothing listens there
+    assert main(["serve", "--ray", "--checkpoint", str(DEMO), "--ray-address", f"127.0.0.1:{closed}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{closed}" in err[0]
 
 
 def test_the_ray_serve_config_file_is_valid_and_builds():
