@@ -2,6 +2,7 @@
 
     loopgpt loadtest --url http://127.0.0.1:8000 --concurrency 4 --requests 40 --loops 1,2,4,6
     loopgpt loadtest --url http://127.0.0.1:8000 --rate 5 --duration 30 --loops 1:3,6:1 --json lt.json
+    loopgpt loadtest --url http://127.0.0.1:8001 --url http://127.0.0.1:8002 --concurrency 8 --requests 80
     loopgpt bench --checkpoint checkpoints/demo --json bench.json
 """
 
@@ -17,7 +18,9 @@ from .client import ENDPOINTS
 
 def add_loadtest_parser(sub) -> None:
     p = sub.add_parser("loadtest", help="load a running server; per-loops latency, throughput and quality")
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", required=True, action="append",
+                   help="server base URL, e.g. http://127.0.0.1:8000 (or a router's); repeat it, or separate URLs "
+                        "by commas, to spread requests round-robin over several replicas")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (default 1)")
     mode.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
@@ -40,12 +43,12 @@ def add_loadtest_parser(sub) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from .report import plot, table, write_json
+    from .report import plot, replica_table, table, write_json
     from .runner import BUILTIN_PROMPTS, LoadConfig, load_prompts, parse_loops_mix, run_load
     from .stats import summarize_by_loops
 
     prompts = load_prompts(args.prompts, args.prompt_chars) if args.prompts else list(BUILTIN_PROMPTS)
-    cfg = LoadConfig(url=args.url, loops_mix=parse_loops_mix(args.loops), prompts=prompts,
+    cfg = LoadConfig(url=",".join(args.url), loops_mix=parse_loops_mix(args.loops), prompts=prompts,
                      max_tokens=args.max_tokens, temperature=args.temperature, concurrency=args.concurrency,
                      rate=args.rate, requests=args.requests, duration=args.duration, timeout=args.timeout,
                      api_key=args.api_key, endpoint=args.endpoint, seed=args.seed, progress=not args.quiet)
@@ -54,12 +57,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     mode = f"open loop {cfg.rate}/s" if cfg.rate else f"closed loop x{cfg.concurrency}"
     print(f"{len(records)} requests in {duration:.1f} s ({mode}, {cfg.endpoint}, max_tokens {cfg.max_tokens})")
     print(table(summary))
+    if summary["by_replica"]:
+        print(replica_table(summary["by_replica"]))
     if args.json:
         config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("prompts", "api_key")}
         config["n_prompts"] = len(prompts)
         write_json(args.json, config, summary, duration, [r.to_dict() for r in records])
     if args.plot:
-        plot(args.plot, summary, title=f"{args.url} ({mode})")
+        plot(args.plot, summary, title=f"{cfg.url} ({mode})")
     if summary["overall"]["ok"] == 0:
         first = next(r.error for r in records if r.error)
         print(f"loopgpt loadtest: error: no request succeeded; the first failure was: {first}", file=sys.stderr)

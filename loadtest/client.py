@@ -18,6 +18,7 @@ import httpx
 from .stats import RequestRecord
 
 ENDPOINTS = ("generate", "completions")
+REPLICA_HEADER = "x-loopgpt-replica"  # set by each replica behind a router (Ray Serve, a Kubernetes Service)
 
 
 def request_body(endpoint: str, prompt: str, loops: int, max_tokens: int, temperature: float,
@@ -81,13 +82,14 @@ async def send(client: httpx.AsyncClient, url: str, prompt: str, loops: int, max
                start: float = 0.0) -> RequestRecord:
     """Send one streamed request and time it; never raises for a server or network failure."""
     path, params, body = request_body(endpoint, prompt, loops, max_tokens, temperature, seed)
-    record = RequestRecord(loops=loops, start=start)
+    record = RequestRecord(loops=loops, start=start, url=url)
     t0 = time.perf_counter()
     last = None
     seen = 0
     try:
         async with client.stream("POST", url.rstrip("/") + path, params=params, json=body) as response:
             record.status = response.status_code
+            record.replica = response.headers.get(REPLICA_HEADER)
             if response.status_code != 200:
                 record.error = error_message(await response.aread())
                 return record

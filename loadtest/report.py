@@ -44,11 +44,21 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def replica_table(by_replica: dict) -> str:
+    """Who served the load: one row per replica (x-loopgpt-replica header, else the URL)."""
+    width = max(len("replica"), *(len(name) for name in by_replica))
+    lines = [f"{'replica':<{width}}  {'reqs':>6}  {'ok':>6}  {'tokens':>8}  {'tok/s':>8}"]
+    for name, s in by_replica.items():
+        lines.append(f"{name:<{width}}  {s['requests']:>6}  {s['ok']:>6}  {s['completion_tokens']:>8}  "
+                     f"{_num(s['tokens_per_s'], '{:.1f}'):>8}")
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, config: dict, summary: dict, duration: float, records: list[dict]) -> None:
     """Config, per-loops summary, run wall time and every request record (for re-analysis)."""
     data = {"config": config, "duration_s": duration,
             "by_loops": {str(n): s for n, s in summary["by_loops"].items()},
-            "overall": summary["overall"], "requests": records}
+            "overall": summary["overall"], "by_replica": summary.get("by_replica", {}), "requests": records}
     Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

@@ -32,7 +32,7 @@ BUILTIN_PROMPTS = [
 
 @dataclass
 class LoadConfig:
-    url: str
+    url: str  # one base URL, or several separated by commas: requests go round-robin over them
     loops_mix: dict[int, float] = field(default_factory=lambda: {1: 1.0})  # loops -> relative weight
     prompts: list[str] = field(default_factory=lambda: list(BUILTIN_PROMPTS))
     max_tokens: int = 32
@@ -60,12 +60,20 @@ class LoadConfig:
             raise ValueError(f"--rate must be > 0 requests per second, got {self.rate}")
         if self.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
+        if bad or not self.urls:
+            raise ValueError(f"--url takes http(s) base URLs such as http://127.0.0.1:8000, got {self.url!r}")
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.prompts:
             raise ValueError("no prompts to send: the prompts file holds no text")
         if not self.loops_mix or any(n < 1 or w <= 0 for n, w in self.loops_mix.items()):
             raise ValueError("the loops mix needs loop counts >= 1 with positive weights, e.g. 1,2,4 or 1:3,6:1")
+
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
 
 
 def parse_loops_mix(text: str) -> dict[int, float]:
@@ -122,10 +130,12 @@ async def run_load(cfg: LoadConfig) -> tuple[list[RequestRecord], float]:
     return records, duration
 
 
-async def _one(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, prompt: str, loops: int, seed: int,
+async def _one(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, prompt: str, loops: int, n: int,
                records: list[RequestRecord], bar: tqdm) -> None:
-    record = await send(client, cfg.url, prompt, loops, cfg.max_tokens, cfg.temperature, seed, cfg.endpoint,
-                        start=time.perf_counter() - t0)
+    """Request number n (from 1), seeded cfg.seed + n; with several URLs they take turns (client-side balancing)."""
+    urls = cfg.urls
+    record = await send(client, urls[(n - 1) % len(urls)], prompt, loops, cfg.max_tokens, cfg.temperature,
+                        cfg.seed + n, cfg.endpoint, start=time.perf_counter() - t0)
     records.append(record)
     bar.update(1)
     if not record.ok:
@@ -150,7 +160,7 @@ async def closed_loop(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, bar
         while _more(cfg, sent, t0):
             sent += 1  # claimed before the await, so workers never overshoot --requests
             prompt, loops = plan(cfg, rng)
-            await _one(cfg, client, t0, prompt, loops, cfg.seed + sent, records, bar)
+            await _one(cfg, client, t0, prompt, loops, sent, records, bar)
             if records[-1].status == 0:
                 await asyncio.sleep(0.1)  # a down server fails at once: do not spin through --duration
 
@@ -171,7 +181,7 @@ async def open_loop(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, bar: 
         if delay > 0:
             await asyncio.sleep(delay)  # planned against t0, so sleep overshoot does not accumulate
         prompt, loops = plan(cfg, rng)
-        tasks.append(asyncio.create_task(_one(cfg, client, t0, prompt, loops, cfg.seed + len(tasks) + 1,
+        tasks.append(asyncio.create_task(_one(cfg, client, t0, prompt, loops, len(tasks) + 1,
                                               records, bar)))
     await asyncio.gather(*tasks)
     return records

@@ -29,6 +29,8 @@ class RequestRecord:
     error: str | None = None  # the server's error message, or the transport error
     prompt_nll: float | None = None  # mean NLL of the prompt tokens, from the final event
     token_nll: float | None = None  # mean NLL of the sampled tokens, from the final event
+    url: str | None = None  # the base URL it was sent to (one of several with a multi-URL load)
+    replica: str | None = None  # the server's `x-loopgpt-replica` header: who behind a router served it
 
     @property
     def ok(self) -> bool:
@@ -96,11 +98,33 @@ def summarize(records: list[RequestRecord], duration: float) -> dict:
 
 
 def summarize_by_loops(records: list[RequestRecord], duration: float) -> dict:
-    """{"by_loops": {loops: summary}, "overall": summary}, loops in ascending order."""
+    """{"by_loops": {loops: summary}, "overall": summary, "by_replica": {...}}, loops in ascending order."""
     groups: dict[int, list[RequestRecord]] = {}
     for r in records:
         groups.setdefault(r.loops, []).append(r)
     return {
         "by_loops": {n: summarize(groups[n], duration) for n in sorted(groups)},
         "overall": summarize(records, duration),
+        "by_replica": by_replica(records, duration),
     }
+
+
+def by_replica(records: list[RequestRecord], duration: float) -> dict:
+    """Requests, successes and tokens per serving replica (its `x-loopgpt-replica` header, else the URL it was
+    sent to when there were several); {} when the run cannot tell replicas apart."""
+    urls = {r.url for r in records}
+    if not any(r.replica for r in records) and len(urls) < 2:
+        return {}
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(r.replica or (r.url if len(urls) > 1 else None) or UNNAMED, []).append(r)
+    out = {}
+    for name in sorted(groups):
+        ok = [r for r in groups[name] if r.ok]
+        tokens = sum(r.tokens for r in ok)
+        out[name] = {"requests": len(groups[name]), "ok": len(ok), "completion_tokens": tokens,
+                     "tokens_per_s": tokens / duration if duration > 0 else None}
+    return out
+
+
+UNNAMED = "(no replica header)"  # failed before any response, or a server that does not name itself

@@ -29,7 +29,7 @@ from starlette.requests import Request as HTTPRequest
 
 from .engine import Engine
 from .metrics import ServerMetrics
-from .middleware import GuardMiddleware
+from .middleware import GuardMiddleware, ReplicaHeader
 from .openapi import build_openapi, error_responses
 from .options import ServerOptions
 from .routes import router
@@ -175,6 +175,8 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
     app.state.loopgpt = state
     app.include_router(router)
     app.add_middleware(GuardMiddleware)
+    if state.options.replica_name:
+        app.add_middleware(ReplicaHeader, name=state.options.replica_name)
     app.openapi = lambda: build_openapi(app, state)
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
 

@@ -212,7 +212,7 @@ class Engine:
                         break
                 try:
                     self._turn()
-                except (RuntimeError, ValueError):  # the forward failed (e.g. out of memory): end its batch, go on
+                except Exception:  # the forward failed (out of memory, a bug): end its batch, keep serving
                     log.exception("engine step failed; aborting the requests in the batch")
                     self.inflight.clear()
                     for row in list(self.rows.values()):

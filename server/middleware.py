@@ -64,3 +64,22 @@ def count_500(scope: Scope, endpoint: str) -> None:
     if state is None or state.metrics is None or request_state.get("counted"):
         return
     state.metrics.request(endpoint, request_state.get("loops"), 500)
+
+
+class ReplicaHeader:
+    """Names the replica that answered (`x-loopgpt-replica`), so that a client behind a router (Ray's proxy,
+    a Kubernetes Service) can count who served it. Pure ASGI: streaming and disconnects pass through untouched."""
+
+    def __init__(self, app, name: str):
+        self.app, self.header = app, (b"x-loopgpt-replica", name.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)

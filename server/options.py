@@ -57,6 +57,9 @@ class ServerOptions:
     threads: int = option(0, "CPU threads for the model (0: cores - 1, leaving one for HTTP; oversubscribed OpenMP "
                           "threads spin and can make decoding many times slower)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+    replica_name: str | None = option(None, "name sent in the x-loopgpt-replica response header (a Ray replica, a "
+                                      "pod), so a client behind a router can count who served it",
+                                      env="LOOPGPT_REPLICA")
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_body", "prefill_chunk"):

@@ -22,12 +22,14 @@ from sse_starlette.sse import AppStatus
 from .app import create_app
 from .options import ServerOptions, add_option_flags, options_from_args
 from .runner import ONNX_MISSING, BackendError, load_backend
+from .scale_out import add_ray_args, parse_scaling, serve_ray
 
 log = logging.getLogger("loopgpt.server")
 
 
 def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
     add_option_flags(p, {"checkpoint": default_checkpoint})
+    add_ray_args(p)
 
 
 class DrainingServer(uvicorn.Server):
@@ -54,12 +56,15 @@ def check_args(args: argparse.Namespace) -> ServerOptions:
     if options.backend == "torch":
         resolve_device(options.device)
         load_config(options.checkpoint)
+    parse_scaling(args)
     return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     o = check_args(args)
     logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray:
+        return serve_ray(args)
     torch.set_num_threads(o.threads or max(1, (os.cpu_count() or 2) - 1))
     log.info("model threads: %d", torch.get_num_threads())
     app = create_app(lambda: load_backend(o.checkpoint, o.backend, o.device, o.dtype, onnx_loader=args.onnx_loader), o)

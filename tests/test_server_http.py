@@ -222,11 +222,13 @@ def test_disconnect_frees_the_row_and_queue_full_is_429(tmp_path_factory, bpe):
         assert post(url, "/generate", {**body, "max_tokens": 3, "stream": False}).status_code == 200
 
 
-@pytest.mark.parametrize("poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}])
+@pytest.mark.parametrize("poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
+                                    {"temperature": 1.0, "top_k": 10**20}])  # the last one killed the engine once
 def test_extreme_sampling_values_hurt_nobody(server, oracle, poison):
-    """A temperature or top_p of 1e-300 (once: sampling raised, the engine aborted the whole batch) beside four
-    running streams: it is served (1e-300 is greedy; top_p keeps the likeliest token) and the four finish
-    with the tokens they get alone."""
+    """A temperature or top_p of 1e-300 (once: sampling raised, the engine aborted the whole batch), or a top_k of
+    1e20 (once: an overflow killed the engine thread; found by the fuzzer) beside four running streams: it is
+    served (1e-300 is greedy, top_p keeps the likeliest token, top_k beyond the vocabulary filters nothing)
+    and the four finish with the tokens they get alone."""
     url, _ = server
     specs = [("Once upon a time", 1, 24), ("She loved to play", 3, 16), ("Lily ran", 2, 20), ("The ball", 4, 12)]
 
