@@ -35,6 +35,7 @@ from .options import ServerOptions
 from .routes import router
 from .runner import Loaded, ModelRunner
 from .schemas import APIError, Health, LoopsRange, ModelCard, ModelList
+from .speculation import SpecRequest
 
 __all__ = ["ServerOptions", "ServerState", "create_app"]
 
@@ -92,7 +93,7 @@ class ServerState:
         check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
                      dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
         runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,
-                             compile=opt.compile, cuda_graphs=opt.cuda_graphs)
+                             compile=opt.compile, cuda_graphs=opt.cuda_graphs, lanes_per_row=opt.spec_tokens + 1)
         if opt.cuda_graphs or opt.compile:
             log.info("warming up: %d step variants captured/compiled", runner.warmup())
         cfg = loaded.model.config
@@ -130,6 +131,26 @@ class ServerState:
     def check_loops(self, loops: int) -> None:
         if not 1 <= loops <= self.config.loop_cap:
             raise APIError(400, f"loops must be in 1..{self.config.loop_cap}, got {loops}", "loops")
+
+    def speculation(self, asked: Any, loops: int) -> SpecRequest | None:
+        """A request's `speculative` field (or the server's default) as the engine's SpecRequest, or None (plain).
+        `auto` quietly stays plain where drafting is impossible; an explicit draft that cannot run is a 400."""
+        asked = self.options.speculative if asked is None else asked
+        if asked == "off":
+            return None
+        possible = self.options.spec_tokens > 0 and self.config.kv_budget == 0 and loops > 1
+        if asked == "auto":
+            return SpecRequest(auto=True) if possible else None
+        if self.options.spec_tokens == 0:
+            raise APIError(400, "self-speculative decoding is off on this server (--spec-tokens 0)", "speculative")
+        if self.config.kv_budget:
+            raise APIError(400, "self-speculative decoding needs one K/V slot per loop; this model shares slots "
+                           f"(kv_budget {self.config.kv_budget})", "speculative")
+        if not 1 <= asked.draft_loops < loops:
+            raise APIError(400, f"speculative.draft_loops must be in 1..{loops - 1} (below loops, {loops}), got "
+                           f"{asked.draft_loops}", "speculative")
+        # at most the server's --spec-tokens: a client cannot know the server's lanes, so more is not an error
+        return SpecRequest(draft_loops=asked.draft_loops, tokens=min(asked.tokens or 1 << 30, self.options.spec_tokens))
 
     def check_limits(self, n_prompt: int, max_tokens: int, loops: int) -> None:
         cfg = self.config

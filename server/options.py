@@ -53,6 +53,11 @@ class ServerOptions:
     shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
     prefill_chunk: int = option(128, "prompt tokens prefilled per engine step (chunked prefill): smaller keeps running "
                                 "streams smooth while long prompts arrive, larger prefills faster")
+    speculative: str = option("off", "self-speculative decoding for requests that do not say (their "
+                              "`speculative` field): off, or auto (drafts from the request's own early loops)",
+                              choices=("off", "auto"))
+    spec_tokens: int = option(3, "draft tokens a speculating request may keep in flight (each one a lane of its "
+                              "own); 0 turns self-speculative decoding off")
     prompt_nll: bool = option(True, "score each prompt's own tokens (the prompt_nll metric and field)")
     threads: int = option(0, "CPU threads for the model (0: cores - 1, leaving one for HTTP; oversubscribed OpenMP "
                           "threads spin and can make decoding many times slower)")
@@ -65,6 +70,8 @@ class ServerOptions:
         for name in ("max_batch", "max_queue", "max_body", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.spec_tokens < 0:
+            raise ValueError(f"--spec-tokens must be >= 0, got {self.spec_tokens}")
         for name in ("loop_cap", "max_context"):
             value = getattr(self, name)
             if value < 0:

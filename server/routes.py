@@ -64,9 +64,10 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
         max_tokens = body.tokens_to_generate(len(prompt_ids), state.config.block_size)
         state.check_limits(len(prompt_ids), max_tokens, loops)
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
+        speculative = state.speculation(body.speculative, loops)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        req = Request(prompt_ids, loops, max_tokens, params, seed=body.seed, stop=stop,
+        req = Request(prompt_ids, loops, max_tokens, params, seed=body.seed, stop=stop, speculative=speculative,
                       endpoint=endpoint, emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         try:
             state.engine.submit(req)

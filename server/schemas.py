@@ -47,6 +47,15 @@ def documented(**constraints: Any) -> Any:
     return Field(json_schema_extra=constraints)
 
 
+class SpeculativeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    draft_loops: int = Field(ge=1, description="loops a draft token runs before the head guesses its successor "
+                             "(1..loops-1)")
+    tokens: int | None = Field(default=None, ge=1, description="drafts in flight at once (default and most: the "
+                               "server's --spec-tokens)")
+
+
 class SamplingBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -61,6 +70,10 @@ class SamplingBody(BaseModel):
     stream: bool = Field(default=False, description="Server-Sent Events, one per token")
     loops: int | None = Field(default=None, description="outer loops (depth) for this request; a `loops` query "
                               "parameter wins (default: the checkpoint's trained maximum)")
+    speculative: Literal["auto", "off"] | SpeculativeSpec | None = Field(
+        default=None, description="self-speculative decoding: drafts from this request's own first `draft_loops` "
+        "loops, verified at its last loop (greedy output unchanged, sampled output keeps its distribution); `auto` "
+        "picks and adapts the draft depth; default: the server's --speculative")
     default_max_tokens: ClassVar[int] = 64
 
     def tokens_to_generate(self, n_prompt: int, context: int) -> int:
@@ -276,13 +289,19 @@ async def read_json(request: Request, limit: int) -> dict:
     return data
 
 
+def union_member(part: Any) -> bool:
+    """A location part naming which member of a union failed (`SpeculativeSpec`, `literal['auto','off']`)."""
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
 def parse_body(model: type[SamplingBody], data: dict) -> SamplingBody:
     try:
         body = model.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        # Of a union's errors (one per member), the deepest says most: `speculative.draft_loops`, not the literal's.
+        err = max(e.errors(include_url=False), key=lambda x: len(x["loc"]))
         param = str(err["loc"][0]) if err["loc"] else None  # the top-level field, as OpenAI names it
-        where = ".".join(str(p) for p in err["loc"])
+        where = ".".join(str(p) for p in err["loc"] if not union_member(p))
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param) from e
     body.check_supported()
     return body

@@ -250,3 +250,27 @@ def test_extreme_sampling_values_hurt_nobody(server, oracle, poison):
     for (prompt, loops, n), events in zip(specs, results, strict=True):
         assert events[-2]["finish_reason"] in ("stop", "length")
         assert ("".join(e["text"] for e in events[:-1]), events[-2]["finish_reason"]) == oracle(prompt, loops, n)
+
+
+def test_speculative_requests_stream_the_plain_greedy_text(url, oracle):
+    for spec in ("auto", {"draft_loops": 1}, {"draft_loops": 2, "tokens": 2}):
+        body = {"prompt": "Once upon a time", "max_tokens": 20, "loops": 4, "speculative": spec, **GREEDY}
+        r = post(url, "/generate", body)
+        assert r.status_code == 200, r.text
+        assert (r.json()["text"], r.json()["finish_reason"]) == oracle("Once upon a time", 4, 20), spec
+    r = post(url, "/v1/completions", {"prompt": "The end.", "max_tokens": 8, "loops": 3,
+                                      "speculative": {"draft_loops": 1}, **GREEDY})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == oracle("The end.", 3, 8)[0]
+
+
+@pytest.mark.parametrize("spec, param", [({"draft_loops": 4}, "speculative.draft_loops"),
+                                         ({"draft_loops": 0}, "speculative.draft_loops"),
+                                         ({"draft_loops": 1, "tokens": 0}, "speculative.tokens"),
+                                         ({"draft_loops": 1.0}, "speculative.draft_loops"),
+                                         ({"draft_loops": 1, "depth": 2}, "speculative.depth"),
+                                         ("always", "speculative")])
+def test_bad_speculative_values_are_400_naming_the_field(url, spec, param):
+    r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, "loops": 4, "speculative": spec})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "speculative" and error["message"].startswith(param), error
