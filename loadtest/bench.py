@@ -58,8 +58,9 @@ def bench_prompt(model: LoopGPT, tokenizer, n: int) -> list[int]:
     return ids[: min(32, room)]
 
 
-def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, reps: int) -> Row:
-    """Row 1: batch 1 at the trained maximum loops; tokens/s including the prefill, for every contender."""
+def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, reps: int, compile: bool = False) -> Row:
+    """Row 1: batch 1 at the trained maximum loops; tokens/s including the prefill, for every contender (with
+    `compile`, also the engine with --compile, its compile time excluded)."""
     from .hf import to_hf
 
     loops = model.config.max_loops
@@ -78,14 +79,19 @@ def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, re
                           do_sample=False, use_cache=True, pad_token_id=model.config.eot_token)
         assert out.shape[1] == len(prompt) + n
 
-    eng = engine(model, tokenizer, 1)
+    engines = [engine(model, tokenizer, 1)] + ([engine(model, tokenizer, 1, compile=True)] if compile else [])
     try:
-        times = interleaved([lambda: eng.generate([(prompt, loops, n)]), hf_generate,
-                             lambda: reference_decode(model, prompt, loops, n),
-                             lambda: naive_decode(model, prompt, loops, n)], reps)
+        fns = [lambda: engines[0].generate([(prompt, loops, n)]), hf_generate,
+               lambda: reference_decode(model, prompt, loops, n), lambda: naive_decode(model, prompt, loops, n)]
+        times = interleaved(fns + [lambda: engines[-1].generate([(prompt, loops, n)])] * compile, reps)
     finally:
-        eng.close()
-    row.ours, row.base, ref, naive = ([n / t for t in ts] for ts in times)
+        for e in engines:
+            e.close()
+    row.ours, row.base, ref, naive = ([n / t for t in ts] for ts in times[:4])
+    if compile:
+        rates = [n / t for t in times[4]]
+        row.extra["engine with --compile, tok/s"] = (f"{med(rates):.3g} [{min(rates):.3g}-{max(rates):.3g}]: "
+                                                     f"{med(rates) / med(row.base):.2f}x HF")
     row.extra["reference decode loop (generate_tokens), tok/s"] = f"{med(ref):.3g} [{min(ref):.3g}-{max(ref):.3g}]"
     row.extra["no KV cache (full recompute per token), tok/s"] = f"{med(naive):.3g} [{min(naive):.3g}-{max(naive):.3g}]"
     row.extra["engine vs reference loop"] = f"{med(row.ours) / med(ref):.2f}x"
@@ -232,7 +238,8 @@ def machine() -> dict:
 
 
 def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path: str | None,
-              onnx_dir: str | None = None, threads: int = 1, dtype: str = "auto", engine: Any = None) -> int:
+              onnx_dir: str | None = None, threads: int = 1, dtype: str = "auto", engine: Any = None,
+              compile: bool = False) -> int:
     """`engine` is `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
     unknown = rows - set(range(1, 10))
     if unknown:
@@ -253,7 +260,7 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
           f"{tokens} decoded, {reps} reps; {info['processor']}, torch {info['torch']}, {info['threads']} threads, "
           f"{str(cpu_dtype).removeprefix('torch.')} on the CPU", flush=True)
     results: list[Row] = []
-    steps = [(1, lambda: row_hf(model, tokenizer, engine, prompt, tokens, reps)),
+    steps = [(1, lambda: row_hf(model, tokenizer, engine, prompt, tokens, reps, compile)),
              (2, lambda: row_mixed(model, tokenizer, engine, prompt, reps, tokens)),
              (3, lambda: _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine)),
              (5, lambda: row_onnx(model, checkpoint, onnx_dir, prompt, tokens, reps)),

@@ -82,6 +82,7 @@ def add_bench_parser(sub, default_checkpoint: str) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every contender (default 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype for every contender (auto: float32 on the CPU rows, bfloat16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="row 1 also times the engine with --compile")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     p.set_defaults(func=cmd_bench)
 
@@ -94,4 +95,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--rows takes numbers 1..9 separated by commas, got {args.rows!r}") from None
     return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx, args.threads, args.dtype,
-                     args.engine)
+                     args.engine, args.compile)
