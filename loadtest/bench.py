@@ -117,15 +117,21 @@ def row_mixed(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], reps: i
         eng = engine(model, tokenizer, rows)
         try:
             eng.closed_loop(prompt, mix, rows, n, rows)  # warm-up
-            mixed, padded = [], []
+            mixed, padded, phases = [], [], {}
             for _ in range(reps):
-                mixed.append(eng.closed_loop(prompt, mix, rows, n, 4 * rows))
-                padded.append(eng.closed_loop(prompt, [deep], rows, n, 4 * rows))
+                for name, cycle, out in (("mixed", mix, mixed), ("padded", [deep], padded)):
+                    before = {**eng.engine.seconds, **eng.runner.seconds}
+                    out.append(eng.closed_loop(prompt, cycle, rows, n, 4 * rows))
+                    for k, v in {**eng.engine.seconds, **eng.runner.seconds}.items():
+                        phases.setdefault(name, {}).setdefault(k, 0.0)
+                        phases[name][k] += v - before[k]
         finally:
             eng.close()
         gain = med(mixed) / med(padded)
         row.extra[f"{rows} rows, tok/s"] = (f"{med(mixed):.4g} vs {med(padded):.4g}: {gain:.2f}x "
                                             f"({gain / theory:.0%} of theory)")
+        row.extra[f"{rows} rows, engine thread s: " + "/".join(phases["mixed"])] = "; ".join(
+            f"{name} " + "/".join(f"{v:.2f}" for v in p.values()) for name, p in phases.items())
     row.ours, row.base = mixed, padded
     return row
 

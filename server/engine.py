@@ -139,7 +139,7 @@ class Sampled:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 64,
                  metrics: Any = None, prompt_nll: bool = True, prefill_chunk: int = 128,
-                 spec_batch_limit: int = 16):
+                 spec_batch_limit: int | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.runner = runner
@@ -154,7 +154,10 @@ class Engine:
         # Turns launched but not yet postprocessed: one on a GPU (the host streams turn t-1 while the device
         # runs turn t), none on a CPU, where nothing would overlap.
         self.inflight: collections.deque[tuple[list[Sampled], Pending]] = collections.deque()
-        self.spec_batch_limit = spec_batch_limit  # auto drafting pauses while this many tokens are in flight
+        # Auto drafting pauses while this many tokens are in flight: on a CPU a step's cost grows with its entries and
+        # drafting stopped paying beyond batch 4 (`loopgpt bench --rows 9`); on a GPU a step costs about the same
+        # up to dozens of entries (an estimate: not yet measured there).
+        self.spec_batch_limit = spec_batch_limit or (32 if runner.cuda else 4)
         self.depth = 1 if runner.cuda else 0
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -162,6 +165,7 @@ class Engine:
         self.drain_deadline: float | None = None
         self.steps = 0  # decode steps run (one loop each), for tests and logs
         self.drafts = [0, 0]  # self-speculative drafts verified, and accepted
+        self.seconds = dict.fromkeys(("schedule", "run", "postprocess"), 0.0)  # engine thread time per phase
 
     # ---- called from the HTTP side (any thread) ----
 
@@ -225,9 +229,11 @@ class Engine:
             self._finish_unadmitted(req)
 
     def _turn(self) -> None:
+        t0 = time.perf_counter()
         self._retire_aborted()
         self._admit()
         plan, sampled = self._schedule()
+        t1 = time.perf_counter()
         launched = bool(plan.prefill or plan.lanes or plan.samples)
         if launched:
             pending = self.runner.run(plan)
@@ -237,9 +243,19 @@ class Engine:
                     self.metrics.batch(len(plan.lanes))
             if pending is not None:
                 self.inflight.append((sampled, pending))
+        t2 = time.perf_counter()
         keep = self.depth if launched else 0  # with nothing new to launch, catch up completely
         while len(self.inflight) > keep:
             self._postprocess(*self.inflight.popleft())
+        self._account(t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def _account(self, schedule: float, run: float, postprocess: float) -> None:
+        """Where the engine thread's time goes, per phase (on a CPU `run` is the model; on a GPU it is the launch
+        and postprocess overlaps the device): the numbers that show what per-token host work costs."""
+        for phase, seconds in (("schedule", schedule), ("run", run), ("postprocess", postprocess)):
+            self.seconds[phase] += seconds
+            if self.metrics:
+                self.metrics.engine_time(phase, seconds)
 
     def _retire_aborted(self) -> None:
         past_deadline = self.drain_deadline is not None and time.perf_counter() >= self.drain_deadline

@@ -49,7 +49,7 @@ class InProcess:
     def __init__(self, model: Any, tokenizer: Tokenizer, max_batch: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False, cuda_graphs: bool = False,
                  prefill_chunk: int = 128, max_loops: int | None = None, lanes_per_row: int = 1,
-                 spec_batch_limit: int = 16):
+                 spec_batch_limit: int | None = None):
         self.runner = ModelRunner(model, max_batch, device=device, dtype=dtype, compile=compile,
                                   cuda_graphs=cuda_graphs, max_loops=max_loops, lanes_per_row=lanes_per_row)
         if compile or cuda_graphs:

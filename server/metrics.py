@@ -54,6 +54,9 @@ class ServerMetrics:
                                        per_loops, **q)
         self.prompt_nll = Histogram("prompt_nll", "Mean NLL (nats) of a prompt's own tokens at the request's loops",
                                     per_loops, **q)
+        self.engine_seconds = Counter("engine_seconds", "Engine thread time per phase of its turns: schedule (host), "
+                                      "run (the model on a CPU; launches on a GPU), postprocess (detokenize, "
+                                      "stream, metrics)", ["phase"], namespace=ns, registry=r)
         self.drafts = Counter("speculative_drafts", "Self-speculative drafts verified, by outcome",
                               ["loops", "accepted"], namespace=ns, registry=r)
         self.eval_loss = Gauge("checkpoint_eval_loss", "Held-out loss from the checkpoint's eval.json", per_loops,
@@ -97,6 +100,9 @@ class ServerMetrics:
             self.itl.labels(loops).observe(itl)
         self.token_nll.labels(loops).observe(nll)
         self.token_entropy.labels(loops).observe(entropy)
+
+    def engine_time(self, phase: str, seconds: float) -> None:
+        self.engine_seconds.labels(phase).inc(seconds)
 
     def speculated(self, req: Any, accepted: bool) -> None:
         self.drafts.labels(str(req.loops), "true" if accepted else "false").inc()

@@ -16,6 +16,7 @@ Opt-in speedups (held here, never baked into the model): `compile` (torch.compil
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,7 @@ class ModelRunner:
         self.d_float = torch.zeros(2, entries, dtype=torch.float32, device=self.device)
         self.d_out = torch.zeros(entries, len(OUT_FIELDS), device=self.device)
         self.turn = 0
+        self.seconds = dict.fromkeys(("prefill", "decode", "head"), 0.0)
         self.slot_done: list[Any] = [None, None]  # per host slot: the event after its last copies
         self.graphs: dict[tuple, Any] = {}
         self.pool = None
@@ -209,8 +211,10 @@ class ModelRunner:
                 self.slot_done[slot].record()
 
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
+        t = time.perf_counter()
         if plan.prefill:
             self._prefill(plan.prefill)
+            t = self._clock("prefill", t)
         h, f = self.np_long[slot], self.np_float[slot]
         if plan.repeat > 1:
             return self._run_lockstep(plan, slot)
@@ -243,12 +247,14 @@ class ModelRunner:
                 self._decode_fn(B, ctx, plan.loop[0])
             else:
                 self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
+            t = self._clock("decode", t)
         if not Bh:
             return None
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         spec = any(s.mode != PLAIN for s in samples)
         self._replay(("head", Bh, random, filtered, spec), lambda: self._head(Bh, random, filtered, spec))
+        self._clock("head", t)
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
         event = None
@@ -256,6 +262,12 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return Pending(out, len(samples), event)
+
+    def _clock(self, phase: str, since: float) -> float:
+        """Host time per phase of the runner (the model's time on a CPU; the launches on a GPU)."""
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
     def _run_lockstep(self, plan: StepPlan, slot: int) -> Pending | None:
         """`repeat` consecutive loops of the same entries (eager only; see Engine._lockstep), then the head."""
