@@ -33,7 +33,7 @@ def demo():
                          ids=["k1-m3", "k2-m2", "k4-m1", "auto"])
 def test_greedy_speculative_equals_plain_at_every_depth_in_a_mixed_batch(demo, spec):
     model, tokenizer = demo
-    engine = InProcess(model, tokenizer, 8, lanes_per_row=4)
+    engine = InProcess(model, tokenizer, 8, lanes_per_row=4, spec_batch_limit=64)  # auto drafts in this batch too
     try:
         waiters = []
         for n in range(1, model.config.max_loops + 1):
@@ -100,3 +100,21 @@ def test_speculative_sampling_keeps_the_distribution(demo):
     keep = (a + b) > 0
     chi2 = float((((a - b) ** 2) / (a + b))[keep].sum())  # equal sample sizes
     assert chi2 < 22.5, (chi2, a.tolist(), b.tolist())  # 0.999 quantile, 6 degrees of freedom
+
+
+def test_auto_pauses_drafting_in_a_large_batch(demo):
+    """Beyond `spec_batch_limit` tokens in flight, auto requests decode plainly (where drafting stops paying);
+    fixed-k requests still draft."""
+    model, tokenizer = demo
+    ids = tokenizer.encode("Once upon a time")
+    engine = InProcess(model, tokenizer, 8, lanes_per_row=4, spec_batch_limit=4)
+    try:
+        engine.generate([(ids, 6, 16)] * 8, speculative=SpecRequest(auto=True))
+        assert engine.engine.drafts[0] == 0
+        engine.generate([(ids, 6, 16)], speculative=SpecRequest(auto=True))  # alone: under the limit
+        assert engine.engine.drafts[0] > 0
+        before = engine.engine.drafts[0]
+        engine.generate([(ids, 6, 16)] * 8, speculative=SpecRequest(draft_loops=2))
+        assert engine.engine.drafts[0] > before
+    finally:
+        engine.close()
