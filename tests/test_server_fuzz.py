@@ -61,8 +61,10 @@ def histogram(har: Path) -> collections.Counter:
 def test_fuzz_the_served_openapi_document(serve, tmp_path, capsys):
     url, log = serve
     har = tmp_path / "fuzz.har"
+    # One worker: with two threads, schemathesis's schema compilation hit CPython 3.11's "AST constructor recursion
+    # depth mismatch" SystemError (a thread-safety bug of the interpreter, not of our server) now and then.
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
-           "--exclude-checks", "positive_data_acceptance", "--max-time", str(FUZZ_SECONDS), "--workers", "2",
+           "--exclude-checks", "positive_data_acceptance", "--max-time", str(FUZZ_SECONDS), "--workers", "1",
            "--seed", SEED, "--request-timeout", "30", "--generation-database", "none", "--no-color",
            "--report", "har", "--report-har-path", str(har)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_SECONDS + 120, cwd=tmp_path,
