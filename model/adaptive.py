@@ -5,6 +5,7 @@ The policy, which the serving engine's `loops: "auto"` follows so that evaluatio
 - After outer loop n (0-based, so n + 1 loops used) a token's state moved from x_n to x_{n+1}; its
   convergence value is `convergence(model, x_n, x_{n+1}, measure)`:
     "hidden"   ||x_{n+1} - x_n|| / ||x_{n+1}||   (relative change of the residual stream; no head needed)
+    "cosine"   1 - cos(x_n, x_{n+1})   (change of direction only; no head needed)
     "kl"       KL(p_{n+1} || p_n) in nats, p_n = softmax(head(x_n))   (a head per loop, and the previous one's)
     "entropy"  H(p_{n+1}) in nats   (stop once confident; a head per loop)
 - The token exits after loop n when n + 1 = max_loops (the budget), or when n + 1 >= min_loops and its value
@@ -31,7 +32,7 @@ from .config import LoopGPTConfig
 from .forward import LoopModel
 from .kv_cache import CacheAccess, KVCache, position_mask
 
-MEASURES = ("hidden", "kl", "entropy")
+MEASURES = ("hidden", "cosine", "kl", "entropy")
 DEFAULT_MEASURE = "hidden"
 
 
@@ -54,11 +55,13 @@ def convergence(model: LoopModel, old: torch.Tensor, new: torch.Tensor, measure:
                 ) -> torch.Tensor:
     """Convergence value of each token whose state went from `old` to `new` (..., C): float32 (...).
 
-    "hidden" needs no head; "kl" runs the head on both states, "entropy" on `new` (see the module docstring)."""
+    "hidden" and "cosine" need no head; "kl" runs the head on both states, "entropy" on `new` (module docstring)."""
     if measure == "hidden":
         old, new = old.float(), new.float()
         # the epsilon only guards an all-zero state; real states have norms of order sqrt(C)
         return torch.linalg.vector_norm(new - old, dim=-1) / torch.linalg.vector_norm(new, dim=-1).clamp_min(1e-12)
+    if measure == "cosine":
+        return 1.0 - F.cosine_similarity(old.float(), new.float(), dim=-1)
     logp = F.log_softmax(model.head(new).float(), dim=-1)  # (..., V)
     if measure == "entropy":
         return -(logp.exp() * logp).sum(-1)

@@ -1,4 +1,4 @@
-"""PNG plots for training: the loss curve of a run and quality against loop count.
+"""PNG plots for training: the loss curve of a run, quality against loop count, adaptive against fixed depth.
 
     python -c "from loopgpt.train.plots import plot_losses; plot_losses('runs/demo/log.jsonl', 'loss.png')"
 """
@@ -40,6 +40,28 @@ def plot_quality(results: dict[str, dict], png_path: str | Path, title: str = ""
     ax.set_xlabel("loops")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_adaptive(fixed: dict[int, float], adaptive: dict[str, tuple[float, float]], png_path: str | Path,
+                  title: str = "") -> None:
+    """Loss against (mean) loops per token: the fixed-loops curve and one point per adaptive tolerance.
+
+    `fixed`: {loops: loss}; `adaptive`: {tolerance label: (mean loops used, loss)}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sorted(fixed)
+    ax.plot(xs, [fixed[x] for x in xs], "o-", label="fixed loops")
+    points = sorted(adaptive.items(), key=lambda kv: kv[1][0])
+    ax.plot([p[0] for _, p in points], [p[1] for _, p in points], "s--", label="adaptive (per token)")
+    for tol, (mean_loops, loss) in points:
+        ax.annotate(f"tol {tol}", (mean_loops, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("loops per token (mean)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
