@@ -23,6 +23,7 @@ import torch; x, n = adaptive_hidden(LoopGPT(preset('tiny')).eval(), torch.tenso
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -33,7 +34,7 @@ from .forward import LoopModel
 from .kv_cache import CacheAccess, KVCache, position_mask
 
 MEASURES = ("hidden", "cosine", "kl", "entropy")
-DEFAULT_MEASURE = "hidden"
+DEFAULT_MEASURE = "cosine"  # the best at equal decode cost on valid.txt (docs/results.md)
 
 
 def check_adaptive(config: LoopGPTConfig, tol: float, max_loops: int | None = None, min_loops: int = 1,
@@ -101,13 +102,21 @@ def copy_exit_kv(cache: KVCache, rows: int | torch.Tensor, pos: int | torch.Tens
 
 
 def adaptive_hidden(model: LoopModel, idx: torch.Tensor, tol: float, max_loops: int | None = None,
-                    min_loops: int = 1, measure: str = DEFAULT_MEASURE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced adaptive depth over whole sequences idx (B, T) from position 0.
+                    min_loops: int = 1, measure: str = DEFAULT_MEASURE, kv_cache: KVCache | None = None,
+                    rows: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                    write_rows: torch.Tensor | None = None, scratch: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced adaptive depth for the tokens idx (B, T): every token loops until it exits (`exits`).
 
     Returns the hidden states (B, T, C), each token's after its own last loop, and the loops each token used
-    (B, T) long, in 1..max_loops. Loop by loop over the whole sequence with a KVCache of one row per sequence
-    plus a scratch row: exited tokens still go through the stack (one batched call), but their K/V go to the
-    scratch row, so their row keeps the exit loop's K/V that `copy_exit_kv` put in the deeper slots."""
+    (B, T) long, in 1..max_loops. Loop by loop over all the tokens at once: exited tokens still go through the
+    stack (one batched call), but their K/V go to a scratch row, so their own row keeps the exit loop's K/V
+    that `copy_exit_kv` put in the deeper slots.
+
+    Without `kv_cache`, idx holds whole sequences from position 0 and a private cache is used. With it (a
+    prompt chunk appended to a serving cache), batch row b is cache row `rows[b]` (default b), the tokens sit
+    at `pos` (B, T) (default: after each row's cached length), `write_rows` (B, T) sends some tokens' K/V
+    elsewhere (padding), and `scratch` is a row nothing reads. The cache lengths do not move, as in `hidden`."""
     cfg = model.config
     max_loops, min_loops = check_adaptive(cfg, tol, max_loops, min_loops, measure)
     if cfg.kv_budget:
@@ -115,19 +124,29 @@ def adaptive_hidden(model: LoopModel, idx: torch.Tensor, tol: float, max_loops: 
         # loop-by-loop pass over the whole sequence has not computed yet: the two would not agree.
         raise ValueError(f"adaptive depth is evaluated without a KV budget (config kv_budget={cfg.kv_budget})")
     B, T = idx.shape
-    if T > cfg.block_size:
-        raise ValueError(f"sequence of {T} tokens is beyond the context of {cfg.block_size}")
     dev = idx.device
-    pos = torch.arange(T, device=dev)[None, :].expand(B, T)  # (B, T)
+    if kv_cache is None:
+        pos = torch.arange(T, device=dev)[None, :].expand(B, T)  # (B, T)
+    else:
+        rows = torch.arange(B, device=dev) if rows is None else rows
+        pos = kv_cache.lengths[rows][:, None] + torch.arange(T, device=dev) if pos is None else pos  # (B, T)
+        if scratch is None or kv_cache.loops < max_loops:
+            raise ValueError(f"a KV cache for adaptive depth needs a scratch row and {max_loops} loops")
+    ctx = int(pos.max()) + 1
+    if ctx > cfg.block_size:
+        raise ValueError(f"sequence reaches position {ctx - 1}, beyond the context of {cfg.block_size}")
     x = model.embed(idx, pos)  # (B, T, C)
-    cache = KVCache(cfg, B + 1, max_len=T, loops=max_loops, device=dev, dtype=x.dtype)
-    own = torch.arange(B, device=dev)[:, None].expand(B, T)  # (B, T) each token's cache row
-    mask = position_mask(pos, T)
+    if kv_cache is None:
+        kv_cache, rows, scratch = KVCache(cfg, B + 1, max_len=T, loops=max_loops, device=dev, dtype=x.dtype), None, B
+    own = (torch.arange(B, device=dev) if rows is None else rows)[:, None].expand(B, T)  # (B, T) cache row per token
+    own = own if write_rows is None else write_rows
+    read = slice(0, B) if rows is None else KVCache.row_index(rows)
+    access = CacheAccess(kv_cache, 0, read, own, pos, ctx, position_mask(pos, ctx))
     active = torch.ones(B, T, dtype=torch.bool, device=dev)
     used = torch.zeros(B, T, dtype=torch.long, device=dev)
     for n in range(max_loops):
-        write = torch.where(active, own, B)  # (B, T): exited tokens write to the scratch row B
-        new = model.loop_body(x, n, CacheAccess(cache, n, slice(0, B), write, pos, T, mask))
+        access = dataclasses.replace(access, loop=n, write_rows=torch.where(active, own, scratch))
+        new = model.loop_body(x, n, access)
         value = convergence(model, x, new, measure)  # (B, T)
         x = torch.where(active[..., None], new, x)
         used += active
@@ -137,5 +156,5 @@ def adaptive_hidden(model: LoopModel, idx: torch.Tensor, tol: float, max_loops: 
             break
         b, t = done.nonzero(as_tuple=True)
         if b.numel():
-            copy_exit_kv(cache, b, t, n, max_loops)
+            copy_exit_kv(kv_cache, own[b, t], pos[b, t], n, max_loops)
     return x, used

@@ -84,6 +84,34 @@ def test_adaptive_forward_equals_token_by_token_decoding(measure, tol):
     assert len(set(used.flatten().tolist())) >= 3 and used.min() >= 2
 
 
+@pytest.mark.parametrize("measure,tol", [("cosine", 0.004), ("kl", 0.05)])
+def test_prefill_chunks_and_padding_through_a_serving_cache_equal_one_pass(measure, tol):
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(40)
+    torch.manual_seed(0)
+    seq = torch.randint(0, model.config.vocab_size, (2, 24))  # the sequences of the token-by-token test
+    with torch.no_grad():
+        whole, used = adaptive_hidden(model, seq, tol, 6, 2, measure)
+        cache = KVCache(model.config, 4, max_len=24, loops=6)  # rows 0..2 serve, row 3 is the scratch row
+        row = torch.tensor([2])
+        a, ua = adaptive_hidden(model, seq[:1, :10], tol, 6, 2, measure, cache, row, scratch=3)
+        cache.lengths[2] = 10
+        b, ub = adaptive_hidden(model, seq[:1, 10:], tol, 6, 2, measure, cache, row, scratch=3)
+        assert torch.equal(torch.cat([ua, ub], 1), used[:1])
+        assert (torch.cat([a, b], 1) - whole[:1]).abs().max().item() <= 1e-5
+        # two prompts in one padded forward: the short one's padding writes only to the scratch row
+        cache.reset()
+        idx = torch.stack([seq[0], torch.cat([seq[1, :15], torch.zeros(9, dtype=torch.long)])])
+        pos = torch.stack([torch.arange(24), torch.arange(24).clamp(max=14)])
+        write = torch.tensor([[0] * 24, [1] * 15 + [3] * 9])
+        x, u = adaptive_hidden(model, idx, tol, 6, 2, measure, cache, torch.tensor([0, 1]), pos, write, scratch=3)
+        assert torch.equal(u[0], used[0]) and torch.equal(u[1, :15], used[1, :15])
+        assert (x[0] - whole[0]).abs().max().item() <= 1e-5 and (x[1, :15] - whole[1, :15]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="needs a scratch row and 6 loops"):
+        adaptive_hidden(model, seq, tol, 6, kv_cache=cache)
+
+
 def test_auto_never_exceeds_the_budget_and_respects_min_loops():
     model = tiny_model(seed=2)
     seq = torch.randint(0, model.config.vocab_size, (2, 16))

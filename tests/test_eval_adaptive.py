@@ -45,7 +45,7 @@ def test_adaptive_eval_spans_fixed_depths(tiny):
     assert n == count == len(ids) - 1 and loops == 3 * count and total == pytest.approx(deep, rel=1e-5)
     total, n, loops = sliding_nll_adaptive(model, ids, 1e9, max_loops=3, context=40)  # every token stops at once
     assert loops == count and total == pytest.approx(shallow, rel=1e-5)
-    total, n, loops = sliding_nll_adaptive(model, ids, 0.12, max_loops=3, context=40)
+    total, n, loops = sliding_nll_adaptive(model, ids, 0.12, max_loops=3, measure="hidden", context=40)
     assert count < loops < 3 * count  # tokens at several depths: only scored tokens' loops are counted
 
 
@@ -75,7 +75,7 @@ def test_eval_auto_cli_writes_table_json_and_plot(tiny_checkpoint, text_file, tm
     out = tmp_path / "auto.json"
     argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(text_file), "--max-tokens", "200",
             "--context", "40", "--loops", "auto", "--tolerance", "0,0.12,1e9", "--max-loops", "3",
-            "--json", str(out), "--plot", str(tmp_path / "auto.png")]
+            "--measure", "hidden", "--json", str(out), "--plot", str(tmp_path / "auto.png")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tolerance" in printed and "mean loops" in printed
@@ -85,6 +85,7 @@ def test_eval_auto_cli_writes_table_json_and_plot(tiny_checkpoint, text_file, tm
     assert auto["0"]["mean_loops"] == 3 and auto["0"]["loss"] == pytest.approx(fixed["3"]["loss"], abs=1e-5)
     assert auto["1e+09"]["mean_loops"] == 1 and auto["1e+09"]["loss"] == pytest.approx(fixed["1"]["loss"], abs=1e-5)
     row = auto["0.12"]
+    assert 1 < row["mean_loops"] < 3 and result["measure"] == "hidden"
     assert row["delta"] == pytest.approx(row["loss"] - fixed_loss_at({1: fixed["1"]["loss"], 2: fixed["2"]["loss"],
                                                                       3: fixed["3"]["loss"]}, row["mean_loops"]),
                                          abs=2e-6)

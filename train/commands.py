@@ -204,7 +204,7 @@ def eval_auto(args: argparse.Namespace, model, tokenizer) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
-        plot_adaptive(curve, {t: (r["mean_loops"], r["loss"]) for t, r in auto.items()}, args.plot,
-                      f"held-out loss: adaptive ({measure}) vs fixed loops ({Path(args.data).name})")
+        plot_adaptive(curve, {f"adaptive ({measure})": {t: (r["mean_loops"], r["loss"]) for t, r in auto.items()}},
+                      args.plot, f"held-out loss: adaptive ({measure}) vs fixed loops ({Path(args.data).name})")
     sys.stdout.flush()
     return 0

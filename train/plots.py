@@ -47,18 +47,20 @@ def plot_quality(results: dict[str, dict], png_path: str | Path, title: str = ""
     plt.close(fig)
 
 
-def plot_adaptive(fixed: dict[int, float], adaptive: dict[str, tuple[float, float]], png_path: str | Path,
-                  title: str = "") -> None:
-    """Loss against (mean) loops per token: the fixed-loops curve and one point per adaptive tolerance.
+def plot_adaptive(fixed: dict[int, float], adaptive: dict[str, dict[str, tuple[float, float]]],
+                  png_path: str | Path, title: str = "") -> None:
+    """Loss against (mean) loops per token: the fixed-loops curve and one line of points per adaptive series.
 
-    `fixed`: {loops: loss}; `adaptive`: {tolerance label: (mean loops used, loss)}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    `fixed`: {loops: loss}; `adaptive`: {series label: {tolerance: (mean loops used, loss)}}."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = sorted(fixed)
-    ax.plot(xs, [fixed[x] for x in xs], "o-", label="fixed loops")
-    points = sorted(adaptive.items(), key=lambda kv: kv[1][0])
-    ax.plot([p[0] for _, p in points], [p[1] for _, p in points], "s--", label="adaptive (per token)")
-    for tol, (mean_loops, loss) in points:
-        ax.annotate(f"tol {tol}", (mean_loops, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.plot(xs, [fixed[x] for x in xs], "o-", color="black", label="fixed loops")
+    for (label, points), marker in zip(adaptive.items(), "s^vDP*", strict=False):
+        points = sorted(points.items(), key=lambda kv: kv[1][0])
+        ax.plot([p[0] for _, p in points], [p[1] for _, p in points], marker + "--", label=label, alpha=0.8)
+        if len(adaptive) == 1:  # one series: label each point with its tolerance
+            for tol, (mean_loops, loss) in points:
+                ax.annotate(f"{tol}", (mean_loops, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("loops per token (mean)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title, fontsize=9)
