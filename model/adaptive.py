@@ -17,6 +17,12 @@ The policy, which the serving engine's `loops: "auto"` follows so that evaluatio
 A token's exit therefore depends only on its own trajectory and on the earlier tokens' K/V at the same loop:
 the teacher-forced `adaptive_hidden` (loop by loop over a whole sequence) equals decoding token by token.
 
+For the engine's decode step: keep each row's state before the loop (at loop 0, the token's embedding), take
+`convergence(model, before, after, measure)` and `exits(...)` for the rows, and for the rows that stop after
+loop n call `copy_exit_kv(cache, rows, pos, n, budget)` once per distinct n. Which rows stopped has to come
+back to the host (one small copy per step, like the sampled tokens). Prefill: `adaptive_hidden` with the
+serving cache, rows, positions, padding write rows and a scratch row. A KV budget (`kv_budget`) is refused.
+
     python -c "from loopgpt.model import LoopGPT, preset; from loopgpt.model.adaptive import adaptive_hidden; \
 import torch; x, n = adaptive_hidden(LoopGPT(preset('tiny')).eval(), torch.tensor([[1, 2, 3]]), 0.1); print(n)"
 """
