@@ -90,6 +90,18 @@ class LoopGPTConfig:
         kept_loop = loop if self.kv_budget == 0 else loop % self.kv_budget
         return (kept_loop * self.n_layer + layer) * self.inner_loops + j
 
+    def with_kv_budget(self, budget: int) -> LoopGPTConfig:
+        """A validated copy with `kv_budget=budget`: loops share K/V slots (slot loop = loop mod budget).
+
+        The weights do not depend on it, so it may be set at load time: `model.config =
+        model.config.with_kv_budget(b)` before any KVCache is built (what `loopgpt eval --kv-budget` does, and
+        what a `serve --kv-budget` flag would do). A token then keeps budget / loops of the K/V it would keep
+        without sharing; decoding reads earlier tokens' K/V of the latest loop with the same residue."""
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= self.loop_cap:
+            raise ConfigError(f"kv_budget must be 0 (one K/V slot per loop) or 1..{self.loop_cap} (the loop cap), "
+                              f"got {budget!r}")
+        return dataclasses.replace(self, kv_budget=budget)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -1,20 +1,29 @@
 """Held-out loss and perplexity per loop count: sliding windows over a whole file, deterministic.
 
 Each token is scored once, with as much left context as the window allows (stride = half the
-context, as is usual for perplexity with a fixed-length model).
+context, as is usual for perplexity with a fixed-length model). Besides fixed loop counts: per-token
+adaptive depth (`loops auto`, model/adaptive.py: loss and mean loops used per tolerance), and decoding token
+by token through the KV cache, which is what a KV budget (K/V slots shared across loops) changes.
 
     loopgpt eval --checkpoint checkpoints/demo --data ../shared/data/tinystories/heldout.txt --loops 1,2,4,6
+    loopgpt eval --checkpoint checkpoints/demo --data ../shared/data/tinystories/heldout.txt --loops auto \
+        --tolerance 0.05,0.1,0.2 --max-tokens 50000
+    loopgpt eval --checkpoint checkpoints/demo --data ../shared/data/tinystories/heldout.txt --loops 6 --kv-budget 2
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from loopgpt.model import LoopGPT, Tokenizer
+from loopgpt.model import KVCache, LoopGPT, LoopGPTConfig, Tokenizer
+from loopgpt.model.adaptive import DEFAULT_MEASURE, adaptive_hidden
+from loopgpt.model.forward import forward
 from loopgpt.model.tokenizer import EOT
 from tqdm import tqdm
 
@@ -50,38 +59,114 @@ def windows(n: int, context: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.no_grad()
-def sliding_nll(model: LoopGPT, ids: torch.Tensor, loops: int, context: int = 0, batch_size: int = 8) -> tuple:
-    """(sum of NLL, number of scored tokens) over `ids`: every token after the first, once."""
-    context = min(context or model.config.block_size, model.config.block_size)
-    device = model.lm_head.weight.device
+def window_batches(ids: torch.Tensor, context: int, batch_size: int, device) -> Iterator[tuple]:
+    """(inputs (B, T), targets (B, T)) per batch of equal-length windows; a target scored by an earlier window
+    is -1. The short last window runs alone."""
     spans = windows(len(ids), context)
-    total, count = 0.0, 0
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         length = chunk[0][1] - chunk[0][0]
-        if any(e - b != length for b, e, _ in chunk):  # the short last window runs alone
-            chunk_groups = [[c] for c in chunk]
-        else:
-            chunk_groups = [chunk]
-        for group in chunk_groups:
+        groups = [[c] for c in chunk] if any(e - b != length for b, e, _ in chunk) else [chunk]
+        for group in groups:
             x = torch.stack([ids[b : e - 1] for b, e, _ in group]).to(device)  # (B, T)
             y = torch.stack([ids[b + 1 : e] for b, e, _ in group]).clone()
             for row, (b, _, first) in enumerate(group):
                 y[row, : first - 1 - b] = -1  # scored by an earlier window
-            logits, _ = model(x, loops)
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten().to(device), ignore_index=-1,
-                                  reduction="sum")
-            total += nll.item()
-            count += int((y >= 0).sum())
+            yield x, y.to(device)
+
+
+def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(sum of NLL over the scored targets, their count), in float32 whatever the model's dtype."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+    return nll.item(), int((y >= 0).sum())
+
+
+def _context(model: LoopGPT, context: int) -> int:
+    return min(context or model.config.block_size, model.config.block_size)
+
+
+@torch.no_grad()
+def sliding_nll(model: LoopGPT, ids: torch.Tensor, loops: int, context: int = 0, batch_size: int = 8) -> tuple:
+    """(sum of NLL, number of scored tokens) over `ids`: every token after the first, once."""
+    total, count = 0.0, 0
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+        logits, _ = model(x, loops)
+        nll, n = summed_nll(logits, y)
+        total, count = total + nll, count + n
     return total, count
 
 
-def evaluate_loops(model: LoopGPT, ids: torch.Tensor, loops_list: list[int], context: int = 0) -> dict:
-    """{"loops": {"N": {"loss", "ppl", "tokens"}}} for each loop count."""
+@torch.no_grad()
+def sliding_nll_adaptive(model: LoopGPT, ids: torch.Tensor, tol: float, max_loops: int | None = None,
+                         min_loops: int = 1, measure: str = DEFAULT_MEASURE, context: int = 0,
+                         batch_size: int = 8) -> tuple:
+    """(sum of NLL, number of scored tokens, sum of their loops used) with per-token adaptive depth."""
+    total, count, loops = 0.0, 0, 0
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+        h, used = adaptive_hidden(model, x, tol, max_loops, min_loops, measure)
+        nll, n = summed_nll(model.head(h), y)
+        total, count, loops = total + nll, count + n, loops + int(used[y >= 0].sum())
+    return total, count, loops
+
+
+@torch.no_grad()
+def sliding_nll_decode(model: LoopGPT, ids: torch.Tensor, loops: int, context: int = 0, batch_size: int = 32) -> tuple:
+    """(sum of NLL, number of scored tokens) decoding every window one token at a time through a KVCache.
+
+    What the engine's decode sees: with `model.config.kv_budget` = b, loop n of a token reads the earlier
+    tokens' K/V of their latest loop = n mod b. Without a budget it equals `sliding_nll` up to rounding."""
+    total, count = 0.0, 0
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+        B, T = x.shape
+        cache = KVCache(model.config, B, max_len=T, loops=loops, device=x.device, dtype=model.lm_head.weight.dtype)
+        logits = torch.cat([forward(model, x[:, t : t + 1], loops, cache) for t in range(T)], dim=1)  # (B, T, V)
+        nll, n = summed_nll(logits, y)
+        total, count = total + nll, count + n
+    return total, count
+
+
+def kv_bytes_per_token(config: LoopGPTConfig, loops: int, dtype: torch.dtype) -> int:
+    """K and V bytes one token keeps in a KVCache built for `loops` (the config's kv_budget applied)."""
+    return 2 * config.kv_slots(loops) * config.n_embd * torch.empty(0, dtype=dtype).element_size()
+
+
+def evaluate_loops(model: LoopGPT, ids: torch.Tensor, loops_list: list[int], context: int = 0,
+                   decode: bool = False) -> dict:
+    """{"loops": {"N": {"loss", "ppl", "tokens", "kv_bytes_per_token", "seconds"}}} for each loop count; `decode` scores
+    token by token through the cache (`sliding_nll_decode`), the only way a KV budget changes anything."""
     results = {}
+    dtype = model.lm_head.weight.dtype
     for loops in tqdm(loops_list, desc="eval", unit="loops", leave=False):
-        total, count = sliding_nll(model, ids, loops, context)
+        start = time.perf_counter()
+        total, count = (sliding_nll_decode if decode else sliding_nll)(model, ids, loops, context)
         loss = total / count
-        results[str(loops)] = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count}
+        results[str(loops)] = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
+                               "kv_bytes_per_token": kv_bytes_per_token(model.config, loops, dtype),
+                               "seconds": round(time.perf_counter() - start, 2)}
     return {"loops": results}
+
+
+def evaluate_adaptive(model: LoopGPT, ids: torch.Tensor, tolerances: list[float], max_loops: int | None = None,
+                      min_loops: int = 1, measure: str = DEFAULT_MEASURE, context: int = 0) -> dict:
+    """{"auto": {"TOL": {"loss", "ppl", "tokens", "mean_loops", "seconds"}}} for each tolerance."""
+    results = {}
+    for tol in tqdm(tolerances, desc="eval auto", unit="tol", leave=False):
+        start = time.perf_counter()
+        total, count, loops = sliding_nll_adaptive(model, ids, tol, max_loops, min_loops, measure, context)
+        loss = total / count
+        results[f"{tol:g}"] = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
+                               "mean_loops": round(loops / count, 4),
+                               "seconds": round(time.perf_counter() - start, 2)}
+    return {"auto": results}
+
+
+def fixed_loss_at(curve: dict[int, float], mean_loops: float) -> float:
+    """The fixed-depth loss at a fractional loop count, linear between the neighbouring counts of `curve`.
+
+    It is what running a random share of tokens at each of the two neighbouring depths would give on average
+    (same mean loops), so adaptive depth has to beat it to be worth anything."""
+    lo = max(n for n in curve if n <= mean_loops) if mean_loops >= min(curve) else min(curve)
+    hi = min((n for n in curve if n >= mean_loops), default=max(curve))
+    if hi == lo:
+        return curve[lo]
+    return curve[lo] + (curve[hi] - curve[lo]) * (mean_loops - lo) / (hi - lo)

@@ -1,4 +1,4 @@
-"""PNG plots for training: the loss curve of a run and quality against loop count.
+"""PNG plots for training: the loss curve of a run, quality against loop count, adaptive against fixed depth.
 
     python -c "from loopgpt.train.plots import plot_losses; plot_losses('runs/demo/log.jsonl', 'loss.png')"
 """
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,6 +42,36 @@ def plot_quality(results: dict[str, dict], png_path: str | Path, title: str = ""
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_adaptive(fixed: dict[int, float], adaptive: dict[str, dict[str, tuple[float, float]]],
+                  png_path: str | Path, title: str = "") -> None:
+    """Loss against (mean) loops per token, fixed loops against one line of points per adaptive series, and
+    below it each point's difference from the fixed curve at the same mean loops (linear between depths).
+
+    `fixed`: {loops: loss}; `adaptive`: {series label: {tolerance: (mean loops used, loss)}}."""
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    xs = sorted(fixed)
+    ax.plot(xs, [fixed[x] for x in xs], "o-", color="black", label="fixed loops")
+    dx.axhline(0.0, color="black", lw=1)
+    for (label, points), marker in zip(adaptive.items(), "s^vDP*", strict=False):
+        points = sorted(points.items(), key=lambda kv: kv[1][0])
+        loops, losses = [p[0] for _, p in points], [p[1] for _, p in points]
+        ax.plot(loops, losses, marker + "--", label=label, alpha=0.8)
+        dx.plot(loops, np.asarray(losses) - np.interp(loops, xs, [fixed[x] for x in xs]), marker + "--", alpha=0.8)
+        if len(adaptive) == 1:  # one series: label each point with its tolerance
+            for tol, (mean_loops, loss) in points:
+                ax.annotate(f"{tol}", (mean_loops, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    dx.set_xlabel("loops per token (mean)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    dx.set_ylabel("minus fixed (nats)")
+    ax.set_title(title, fontsize=9)
+    for a in (ax, dx):
+        a.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
