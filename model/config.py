@@ -87,11 +87,20 @@ class LoopGPTConfig:
 
     def slot(self, loop: int, layer: int, j: int) -> int:
         """Slot of the (outer loop, layer, inner loop) application, as DESIGN.md defines it."""
-        kept_loop = loop if self.kv_budget == 0 else loop % self.kv_budget
-        return (kept_loop * self.n_layer + layer) * self.inner_loops + j
+        return (self.kept_loop(loop) * self.n_layer + layer) * self.inner_loops + j
+
+    def kept_loop(self, loop: int) -> int:
+        """The loop whose K/V slots loop `loop` uses. With a KV budget b >= 2, loop 0 keeps a slot of its own and the
+        deeper loops share the other b - 1 in turn: loop 0 is the one every token's first pass reads, and giving
+        its slot to a deep loop (the plain `loop mod b`) cost the demo 3 nats where this costs ~0.07
+        (docs/results.md). b = 1: one slot for every loop."""
+        b = self.kv_budget
+        if b == 0:
+            return loop
+        return 0 if b == 1 or loop == 0 else 1 + (loop - 1) % (b - 1)
 
     def with_kv_budget(self, budget: int) -> LoopGPTConfig:
-        """A validated copy with `kv_budget=budget`: loops share K/V slots (slot loop = loop mod budget).
+        """A validated copy with `kv_budget=budget`: loops share K/V slots (see `kept_loop`).
 
         The weights do not depend on it, so it may be set at load time: `model.config =
         model.config.with_kv_budget(b)` before any KVCache is built (what `loopgpt eval --kv-budget` does, and

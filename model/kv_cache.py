@@ -112,8 +112,13 @@ class CacheAccess:
         per_loop = cfg.n_layer * cfg.inner_loops
         if isinstance(self.loop, int):
             self.base: int | torch.Tensor = cfg.slot(self.loop, 0, 0)
-        else:  # slot(n, 0, 0) on the device: (kept loop) * slots per loop
-            kept = self.loop if cfg.kv_budget == 0 else torch.remainder(self.loop, cfg.kv_budget)
+        else:  # slot(n, 0, 0) on the device: config.kept_loop(n) * slots per loop
+            b = cfg.kv_budget
+            kept = self.loop
+            if b == 1:
+                kept = torch.zeros_like(self.loop)
+            elif b > 1:
+                kept = torch.where(self.loop == 0, 0, 1 + torch.remainder(self.loop - 1, b - 1))
             self.base = kept * per_loop
 
     def write(self, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -47,7 +47,7 @@ PAGE_HEADERS = {
                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
 }
-KV_SHRINK = "--max-batch, --loop-cap or --max-context"
+KV_SHRINK = "--max-batch, --loop-cap, --max-context or --kv-budget"
 
 
 @dataclass
@@ -90,6 +90,8 @@ class ServerState:
     def start(self, loaded: Loaded) -> None:
         opt = self.options
         loaded.model.config = serving_config(loaded.model.config, opt.loop_cap, opt.max_context)
+        if opt.kv_budget >= 0:  # a ConfigError sentence names the range
+            loaded.model.config = loaded.model.config.with_kv_budget(opt.kv_budget)
         check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
                      dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
         runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,

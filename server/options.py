@@ -50,6 +50,9 @@ class ServerOptions:
                            "(0: the checkpoint's); the KV cache holds one slot per loop, so this shrinks it")
     max_context: int = option(0, "context in tokens (prompt + max_tokens), at most the checkpoint's block_size "
                               "(0: the checkpoint's); shrinks the KV cache")
+    kv_budget: int = option(-1, "K/V slots kept per layer across loops: 0 one per loop; B >= 1 loop 0 keeps its own "
+                            "and the deeper loops share B - 1 (K/V memory per token falls to B of the loops; costs "
+                            "quality, measured in docs/results.md; no self-speculation); -1 the checkpoint's")
     shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
     prefill_chunk: int = option(128, "prompt tokens prefilled per engine step (chunked prefill): smaller keeps running "
                                 "streams smooth while long prompts arrive, larger prefills faster")
@@ -70,6 +73,8 @@ class ServerOptions:
         for name in ("max_batch", "max_queue", "max_body", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.kv_budget < -1:
+            raise ValueError(f"--kv-budget must be >= 0 (or -1 for the checkpoint's), got {self.kv_budget}")
         if self.spec_tokens < 0:
             raise ValueError(f"--spec-tokens must be >= 0, got {self.spec_tokens}")
         for name in ("loop_cap", "max_context"):

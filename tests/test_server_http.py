@@ -274,3 +274,17 @@ def test_bad_speculative_values_are_400_naming_the_field(url, spec, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "speculative" and error["message"].startswith(param), error
+
+
+def test_serve_kv_budget_shares_slots_and_decodes_like_the_reference(tiny_checkpoint):
+    """--kv-budget 2: the served model keeps 2 K/V slots per layer (loop 0's and one the deeper loops share); its
+    greedy text equals the reference decode of the same config; a speculative request is refused by name."""
+    model, tokenizer, _ = load_checkpoint(tiny_checkpoint)
+    model.config = model.config.with_kv_budget(2)
+    with running_server(tiny_checkpoint, max_batch=2, kv_budget=2) as (url, app):
+        assert app.state.loopgpt.engine.runner.cache.slots == 2 * model.config.n_layer
+        r = post(url, "/generate", {"prompt": "Once upon a time", "max_tokens": 12, "loops": 4, **GREEDY})
+        *_, (_, c) = generate_text(model, tokenizer, "Once upon a time", 4, 12, SamplingParams(0.0))
+        assert r.status_code == 200 and r.json()["text"] == c.text
+        r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, "loops": 4, "speculative": {"draft_loops": 1}})
+        assert r.status_code == 400 and "kv_budget" in r.json()["error"]["message"]

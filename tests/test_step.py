@@ -105,3 +105,20 @@ def test_head_step_flags_a_row_with_non_finite_logits_and_spares_the_others():
     finite = out[:, OUT_FIELDS.index("finite")].tolist()
     assert finite == [1.0, 0.0, 1.0]
     assert torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("budget, kept", [(0, [0, 1, 2, 3, 4, 5, 6]), (1, [0] * 7), (2, [0, 1, 1, 1, 1, 1, 1]),
+                                          (3, [0, 1, 2, 1, 2, 1, 2])])
+def test_kv_budget_keeps_loop_0_apart_on_the_host_and_on_the_device(budget, kept):
+    """With a KV budget, loop 0 keeps its own slots and the deeper loops share the rest in turn; the engine's
+    per-row slots (computed on the device) are the config's."""
+    from loopgpt.model import preset
+    from loopgpt.model.kv_cache import CacheAccess
+
+    cfg = preset("tiny", inner_loops=2, kv_budget=budget, max_loops=7)
+    assert [cfg.kept_loop(n) for n in range(7)] == kept
+    cache = KVCache(cfg, 1, loops=7)
+    loop = torch.arange(7)
+    access = CacheAccess(cache, loop, torch.zeros(7, dtype=torch.long), torch.zeros(7, dtype=torch.long),
+                         torch.zeros(7, 1, dtype=torch.long), 1, torch.ones(7, 1, 1, 1, dtype=torch.bool))
+    assert access.base.tolist() == [cfg.slot(n, 0, 0) for n in range(7)]
