@@ -92,7 +92,8 @@ def copy_exit_kv(cache: KVCache, rows: int | torch.Tensor, pos: int | torch.Tens
 
     `rows`, `pos`: one token (ints) or K tokens ((K,) long tensors), all with the same exit loop; `loops` is the
     deepest loop count anything in those rows may still run (the request's budget). With a KV budget the deeper
-    loops' slots are the other shared slots (`config.kept_loop`), so every one of them ends up holding the exit loop's K/V."""
+    loops' slots are the other shared slots (`config.kept_loop`), so every one of them ends up holding the exit
+    loop's K/V."""
     cfg = cache.config
     if not 0 <= exit_loop < loops <= cache.loops:
         raise ValueError(f"exit loop {exit_loop} and loops {loops} must satisfy 0 <= exit < loops <= {cache.loops}")

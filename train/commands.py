@@ -63,8 +63,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--measure", default=None, choices=MEASURES,
                    help=f"with --loops auto: convergence measure (model/adaptive.py; default {DEFAULT_MEASURE})")
     p.add_argument("--kv-budget", type=int, default=None,
-                   help="share K/V slots across loops (loop 0 keeps its own, deeper loops share B-1; 0: one per loop) and score token by token "
-                        "through the cache, as decoding sees it")
+                   help="share K/V slots across loops (loop 0 keeps its own, deeper loops share B-1; 0: one per "
+                        "loop) and score token by token through the cache, as decoding sees it")
     p.add_argument("--context", type=int, default=0, help="window length (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     p.add_argument("--json", default=None, help="write results here")

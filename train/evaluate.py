@@ -114,7 +114,8 @@ def sliding_nll_decode(model: LoopGPT, ids: torch.Tensor, loops: int, context: i
     """(sum of NLL, number of scored tokens) decoding every window one token at a time through a KVCache.
 
     What the engine's decode sees: with `model.config.kv_budget` = b, loop n of a token reads the earlier
-    tokens' K/V of the latest loop sharing loop n's slot (`config.kept_loop`). Without a budget it equals `sliding_nll` up to rounding."""
+    tokens' K/V of the latest loop sharing loop n's slot (`config.kept_loop`). Without a budget it equals
+    `sliding_nll` up to rounding."""
     total, count = 0.0, 0
     for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
         B, T = x.shape
