@@ -159,9 +159,10 @@ def adaptive_hidden(model: LoopModel, idx: torch.Tensor, tol: float, max_loops: 
         used += active
         done = active & exits(value, n + 1, tol, min_loops, max_loops)
         active &= ~done
+        b, t = done.nonzero(as_tuple=True)
+        if b.numel() and n + 1 < max_loops:
+            # Also for the last tokens to stop: a serving cache's later tokens may loop deeper than this chunk did.
+            copy_exit_kv(kv_cache, own[b, t], pos[b, t], n, max_loops)
         if not bool(active.any()):
             break
-        b, t = done.nonzero(as_tuple=True)
-        if b.numel():
-            copy_exit_kv(kv_cache, own[b, t], pos[b, t], n, max_loops)
     return x, used

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .adaptive import adaptive_hidden, convergence
 from .forward import LoopModel, hidden
 from .kv_cache import CacheAccess, KVCache, position_mask
 from .sampling import DRAFT as DRAFT_STREAM
@@ -28,6 +29,7 @@ from .sampling import sample, token_stats, verify
 
 OUT_FIELDS = ("token", "nll", "entropy", "finite", "prompt_nll", "accepted")  # columns of head_step's output
 PLAIN, DRAFT, VERIFY = range(3)  # what a head row does (see head_step)
+SERVING_MEASURE = "cosine"  # the convergence measure a step computes: no head needed (docs/results.md)
 
 
 @dataclass
@@ -55,8 +57,10 @@ class StepState:
 
 def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch.Tensor, rows: torch.Tensor,
                 pos: torch.Tensor, loop: torch.Tensor | int, ctx: int) -> torch.Tensor:
-    """One loop for each batch entry: its lane, cache row, position and loop index, all (B,) long; returns the
-    new hidden states (B, C). Several entries may share a cache row (at different positions).
+    """One loop for each batch entry: its lane, cache row, position and loop index, all (B,) long; the new hidden
+    states go to the lanes. Returns each entry's convergence value (B,) float32, the cosine change of its state
+    over this loop (model/adaptive.py), on which adaptive requests stop. Several entries may share a cache row
+    (at different positions).
 
     `ctx` (keys read per row) must exceed every position. Padded entries point at a scratch lane and row.
     `loop` may be one int when every entry stands at the same loop (a CPU fast path: one slot, one gate,
@@ -68,9 +72,10 @@ def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch
         x = torch.where((loop == 0)[:, None, None], x0, state.hidden[lanes][:, None])  # (B, 1, C)
     pos2 = pos[:, None]  # (B, 1)
     access = CacheAccess(cache, loop, rows, rows, pos2, ctx, position_mask(pos2, ctx))
+    before = x[:, 0]
     x = model.loop_body(x, loop, access)[:, 0]  # (B, C)
     state.hidden.index_copy_(0, lanes, x)
-    return x
+    return convergence(model, before, x, SERVING_MEASURE)
 
 
 def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
@@ -105,14 +110,16 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
 
 
 def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
-            starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None
-            ) -> torch.Tensor:
+            starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None,
+            adaptive: tuple[float, int] | None = None) -> torch.Tensor:
     """Append prompt chunks (several prompts in one padded forward, each at its own depth) to their cache
     rows; returns each chunk's last hidden state (P, C).
 
     Padding tokens write their K/V into the `scratch` row. With `targets` (the prompt token each position
     predicts, one list per chunk, possibly one shorter than the chunk), the teacher-forced NLL of those
-    targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk)."""
+    targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk). With
+    `adaptive` (tolerance, min_loops), every prompt token stops looping on its own (`adaptive_hidden`, the same
+    policy the decode step follows), within the budget max(loops)."""
     dev = state.prompt_nll.device
     P, T = len(chunks), max(len(c) for c in chunks)
     limit = cache.max_len - 1
@@ -122,7 +129,11 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
                          device=dev)  # (P, T)
     row_t = torch.tensor(rows, device=dev)
     ctx = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
-    x = hidden(model, idx, loops, cache, row_t, pos, write, ctx)  # (P, T, C)
+    if adaptive is None:
+        x = hidden(model, idx, loops, cache, row_t, pos, write, ctx)  # (P, T, C)
+    else:
+        x = adaptive_hidden(model, idx, adaptive[0], max(loops), adaptive[1], SERVING_MEASURE, cache, row_t, pos,
+                            write, scratch)[0]
     last = x[torch.arange(P, device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]  # (P, C)
     fresh = [r for r, s in zip(rows, starts, strict=True) if s == 0]
     if fresh:

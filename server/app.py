@@ -32,6 +32,7 @@ from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
 from .openapi import build_openapi, error_responses
 from .options import ServerOptions
+from .request import Adaptive
 from .routes import router
 from .runner import Loaded, ModelRunner
 from .schemas import APIError, Health, LoopsRange, ModelCard, ModelList
@@ -130,16 +131,40 @@ class ServerState:
             raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "prompt")
         return list(prompt)
 
-    def check_loops(self, loops: int) -> None:
+    def check_loops(self, loops: int | str) -> None:
+        if loops == "auto":
+            return
         if not 1 <= loops <= self.config.loop_cap:
             raise APIError(400, f"loops must be in 1..{self.config.loop_cap}, got {loops}", "loops")
 
-    def speculation(self, asked: Any, loops: int) -> SpecRequest | None:
+    def adaptive(self, body: Any, loops: int | str) -> tuple[int, Adaptive | None]:
+        """(loops the engine runs at most, the adaptive policy or None) from `loops` and its companion fields."""
+        cfg = self.config
+        for name in ("max_loops", "min_loops"):  # a bad value is refused even where it would not be used
+            value = getattr(body, name)
+            if value is not None and not 1 <= value <= cfg.loop_cap:
+                raise APIError(400, f"{name} must be in 1..{cfg.loop_cap}, got {value}", name)
+        if loops != "auto":  # the companions of "auto" mean nothing here, and are otherwise ignored
+            return loops, None
+        budget = cfg.max_loops if body.max_loops is None else body.max_loops
+        min_loops = min(budget, self.options.adaptive_min_loops) if body.min_loops is None else body.min_loops
+        if min_loops > budget:
+            raise APIError(400, f"min_loops must be in 1..{budget} (max_loops), got {min_loops}", "min_loops")
+        if cfg.kv_budget:
+            raise APIError(400, "loops \"auto\" needs one K/V slot per loop; this model shares slots (kv_budget "
+                           f"{cfg.kv_budget})", "loops")
+        tolerance = self.options.adaptive_tolerance if body.tolerance is None else body.tolerance
+        return budget, Adaptive(tolerance, min_loops)
+
+    def speculation(self, asked: Any, loops: int, adaptive: Adaptive | None = None) -> SpecRequest | None:
         """A request's `speculative` field (or the server's default) as the engine's SpecRequest, or None (plain).
         `auto` quietly stays plain where drafting is impossible; an explicit draft that cannot run is a 400."""
         asked = self.options.speculative if asked is None else asked
-        if asked == "off":
+        if asked == "off" or (adaptive is not None and asked == "auto"):
             return None
+        if adaptive is not None:
+            raise APIError(400, "speculative decoding and loops \"auto\" do not combine: a draft needs to know "
+                           "the depth of the token it stands in for", "speculative")
         possible = self.options.spec_tokens > 0 and self.config.kv_budget == 0 and loops > 1
         if asked == "auto":
             return SpecRequest(auto=True) if possible else None

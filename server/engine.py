@@ -23,15 +23,16 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from loopgpt.model import SamplingParams, TextStream, Tokenizer, fresh_seed
+from loopgpt.model import TextStream, Tokenizer, fresh_seed
 from loopgpt.model.step import DRAFT, PLAIN, VERIFY
 
+from .request import Adaptive, FinishEvent, Flight, Request, Row, Sampled, TokenEvent
 from .runner import ModelRunner, Pending, PrefillChunk, Sample, StepPlan
-from .speculation import SpecRequest, Speculation
+from .speculation import Speculation
+
+__all__ = ["Adaptive", "Engine", "FinishEvent", "NotAccepting", "QueueFull", "Request", "TokenEvent"]
 
 log = logging.getLogger("loopgpt.server")
 
@@ -42,98 +43,6 @@ class QueueFull(RuntimeError):
 
 class NotAccepting(RuntimeError):
     """The engine is not running or is draining for shutdown (HTTP 503)."""
-
-
-@dataclass
-class TokenEvent:
-    index: int
-    token_id: int
-    text: str
-    nll: float
-    entropy: float
-
-
-@dataclass
-class FinishEvent:
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
-    text: str  # held-back text released at the end (may be "")
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float | None
-    e2e_s: float
-    prompt_nll: float | None
-    token_nll: float | None
-    error: str | None = None  # with finish_reason "error": what failed, for the client
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.e2e_s if self.e2e_s > 0 else 0.0
-
-
-@dataclass
-class Request:
-    """What a client asked for; the engine never changes it (only the two status flags)."""
-
-    prompt_ids: list[int]
-    loops: int
-    max_tokens: int
-    params: SamplingParams
-    emit: Callable[[Any], None]  # must be thread-safe: called from the engine thread
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    eos_token: int | None = None
-    endpoint: str = "generate"
-    arrival: float = field(default_factory=time.perf_counter)
-    speculative: SpecRequest | None = None  # self-speculative decoding, or None for plain
-    aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
-    done: bool = False  # set by the engine once the FinishEvent is out
-
-
-@dataclass
-class Flight:
-    """A token in flight: the token at position `pos` runs loop `loop` at the next step."""
-
-    pos: int
-    loop: int = 0
-
-
-@dataclass
-class Row:
-    """The engine's state of one admitted request: its cache row and the tokens it has in flight."""
-
-    req: Request
-    index: int  # KV-cache row
-    seed: int
-    eos: int
-    stream: TextStream
-    spec: Speculation | None = None
-    prefilled: int = 0  # prompt tokens in the cache
-    flights: list[Flight] = field(default_factory=list)  # consecutive positions, oldest (verified input) first
-    epoch: int = 0  # bumped when a draft is rejected: head outputs of an older epoch are stale
-    sampled: int = 0  # tokens decided (their last loop's head scheduled), delivered or on their way
-    n_tokens: int = 0  # tokens delivered (an EOS is not one)
-    nll_sum: float = 0.0
-    prompt_nll: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float = 0.0
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.req.prompt_ids) and self.sampled > 0
-
-    def needed(self, pos: int) -> bool:
-        """Whether the token at `pos` must run: its last loop decides generated token pos + 1 - prompt."""
-        return pos + 1 - len(self.req.prompt_ids) < self.req.max_tokens
-
-
-@dataclass
-class Sampled:
-    """What the host remembers of one head row until its output comes back."""
-
-    row: Row
-    epoch: int
-    mode: int
-    pos: int  # position of the token whose head ran
 
 
 class Engine:
@@ -294,8 +203,13 @@ class Engine:
         plan.repeat = self._lockstep()
         for _ in range(plan.repeat):
             for row in self.rows.values():
-                if row.decoding:
+                if row.decoding and row.req.adaptive is not None:
+                    self._advance_adaptive(row, plan, sampled)
+                elif row.decoding:
                     self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
+        for row in self.rows.values():  # exited tokens' K/V into their deeper slots, before this turn's step
+            plan.kv_copies.extend((row.index, pos, exit_loop, row.req.loops) for pos, exit_loop in row.copies)
+            row.copies.clear()
         budget = self.prefill_chunk
         for row in self.rows.values():
             prompt = row.req.prompt_ids
@@ -304,7 +218,9 @@ class Engine:
             start = row.prefilled
             end = min(len(prompt), start + budget)
             targets = (prompt[start + 1:end + 1]) if self.prompt_nll else None
-            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets))
+            adaptive = row.req.adaptive
+            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
+                                             None if adaptive is None else (adaptive.tolerance, adaptive.min_loops)))
             row.prefilled, budget = end, budget - (end - start)
             if end == len(prompt):
                 self._head(row, plan, sampled, len(prompt) - 1, PLAIN)
@@ -321,7 +237,8 @@ class Engine:
         if not self.runner.eager or self.runner.cuda or self.waiting:
             return 1
         rows = list(self.rows.values())
-        if not rows or any(not r.decoding or r.spec is not None or r.prefilled < len(r.req.prompt_ids) for r in rows):
+        if not rows or any(not r.decoding or r.spec is not None or r.req.adaptive is not None
+                           or r.prefilled < len(r.req.prompt_ids) for r in rows):
             return 1
         if any(len(r.flights) != 1 or r.flights[0].loop != 0 for r in rows) or len({r.req.loops for r in rows}) != 1:
             return 1
@@ -341,7 +258,7 @@ class Engine:
             if ran == n - 1:  # the token is through all its loops: its successor is decided now
                 row.flights.remove(f)
                 has_draft = any(g.pos == f.pos + 1 for g in row.flights)
-                self._head(row, plan, sampled, f.pos, VERIFY if has_draft else PLAIN)
+                self._head(row, plan, sampled, f.pos, VERIFY if has_draft else PLAIN, loops=n)
                 row.sampled += 1
                 if not has_draft and row.needed(f.pos + 1):
                     row.flights.append(Flight(f.pos + 1))
@@ -350,27 +267,69 @@ class Engine:
                 self._head(row, plan, sampled, f.pos, DRAFT)  # the successor starts from this early guess
                 row.flights.append(Flight(f.pos + 1))
 
-    def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int) -> None:
+    def _advance_adaptive(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
+        """One loop of an adaptive request's token (`loops: "auto"`). From `min_loops` on, the head runs after every
+        loop as a candidate; the step's convergence value, read back with it, decides in postprocess whether the
+        token stops (the candidate is its token) or loops on (the candidate is dropped). At the budget it stops.
+        It waits for that verdict before its next loop (no wait on a CPU, one turn on a GPU)."""
+        if row.awaiting:
+            return
+        f = row.flights[0]
+        entry = len(plan.lanes)
+        plan.lanes.append(self.runner.lane(row.index, f.pos))
+        plan.rows.append(row.index)
+        plan.pos.append(f.pos)
+        plan.loop.append(f.loop)
+        ran, f.loop = f.loop, f.loop + 1
+        if ran == row.req.loops - 1:  # the budget: it stops here whatever its state
+            row.flights.remove(f)
+            self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1)
+            row.sampled += 1
+            if row.needed(f.pos + 1):
+                row.flights.append(Flight(f.pos + 1))
+        elif ran + 1 >= row.req.adaptive.min_loops:
+            plan.convergence = True
+            self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1, entry=entry)
+            row.awaiting = True
+
+    def _stopped(self, row: Row, s: Sampled, value: float) -> bool:
+        """An adaptive candidate's verdict: stop the token after `s.loops` loops (its K/V copied deeper next turn,
+        its successor started) or let it loop on."""
+        row.awaiting = False
+        if not value < row.req.adaptive.tolerance:  # strictly below, as model/adaptive.py's `exits`
+            return False
+        row.flights = [f for f in row.flights if f.pos != s.pos]
+        row.copies.append((s.pos, s.loops - 1))
+        row.sampled += 1
+        if row.needed(s.pos + 1):
+            row.flights.append(Flight(s.pos + 1))
+        return True
+
+    def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int, loops: int = 0,
+              entry: int = -1) -> None:
         """The head on the token at `pos` (its lane), its output token going to the lane of `pos + 1`."""
         lane = self.runner.lane
         plan.samples.append(Sample(lane(row.index, pos), lane(row.index, pos + 1), row.index, row.req.params,
                                    row.seed, pos + 1 - len(row.req.prompt_ids), mode))
-        sampled.append(Sampled(row, row.epoch, mode, pos))
+        sampled.append(Sampled(row, row.epoch, mode, pos, loops, entry))
 
     def _postprocess(self, sampled: list[Sampled], pending: Pending) -> None:
         """Deliver the tokens of one launched turn; a row whose output or text handling fails ends alone."""
         now = time.perf_counter()
+        convergence = pending.convergence()
         for s, out in zip(sampled, pending.result(), strict=True):
             row = s.row
             if row.req.done or s.mode == DRAFT:  # finished after launch / a draft is checked at its token's end
                 continue
+            if s.entry >= 0 and not self._stopped(row, s, convergence[s.entry]):
+                continue  # an adaptive token that loops on: its candidate token is not one
             if s.epoch != row.epoch:  # the head of a token built on a rejected draft: never a real token
                 row.sampled -= 1
                 continue
             if s.mode == VERIFY:
                 self._verified(row, s.pos, bool(out[5]))
             try:
-                self._deliver(row, out, now)
+                self._deliver(row, out, now, s.loops)
             except (RuntimeError, ValueError, KeyError, IndexError, UnicodeError) as e:
                 log.exception("request failed while handling its token; ending it alone")
                 self._finish(row, "error", f"the server failed to handle a generated token ({type(e).__name__})")
@@ -390,7 +349,7 @@ class Engine:
         if row.needed(pos + 1):
             row.flights.append(Flight(pos + 1))
 
-    def _deliver(self, row: Row, out: list[float], now: float) -> None:
+    def _deliver(self, row: Row, out: list[float], now: float, loops: int = 0) -> None:
         token, nll, entropy, finite, prompt_nll_sum, _ = out
         if not finite:
             self._finish(row, "error", "the model produced non-finite logits for this request; try other "
@@ -410,6 +369,10 @@ class Engine:
         if self.metrics:
             self.metrics.token(req, row.first_token_at - req.arrival if itl is None else None, itl, nll, entropy)
         row.last_token_at = now
+        if loops:  # decoded (the first token comes from the prefill)
+            row.looped, row.loops_used = row.looped + 1, row.loops_used + loops
+            if self.metrics:
+                self.metrics.looped(req, loops)
         token = int(token)
         if token == row.eos:
             self._finish(row, "stop")
@@ -433,20 +396,22 @@ class Engine:
         self.free_rows.append(row.index)
         tail = row.stream.finish() if reason in ("stop", "length") and not row.stream.stopped else ""
         self._send_finish(req, reason, tail, row.n_tokens, row.first_token_at, row.prompt_nll,
-                          row.nll_sum / row.n_tokens if row.n_tokens else None, error)
+                          row.nll_sum / row.n_tokens if row.n_tokens else None, error,
+                          row.loops_used / row.looped if row.looped else None)
 
     def _finish_unadmitted(self, req: Request) -> None:
         if not req.done:
             req.done = True
-            self._send_finish(req, "abort", "", 0, None, None, None, None)
+            self._send_finish(req, "abort", "", 0, None, None, None, None, None)
 
     def _send_finish(self, req: Request, reason: str, tail: str, n_tokens: int, first_token_at: float | None,
-                     prompt_nll: float | None, token_nll: float | None, error: str | None) -> None:
+                     prompt_nll: float | None, token_nll: float | None, error: str | None,
+                     loops_per_token: float | None = None) -> None:
         end = time.perf_counter()
         ev = FinishEvent(finish_reason=reason, text=tail, prompt_tokens=len(req.prompt_ids),
                          completion_tokens=n_tokens, ttft_s=None if first_token_at is None else first_token_at
                          - req.arrival, e2e_s=end - req.arrival, prompt_nll=prompt_nll, token_nll=token_nll,
-                         error=error)
+                         error=error, loops_per_token=loops_per_token)
         if self.metrics:
             self.metrics.finished(req, ev)
         ttft = f"{ev.ttft_s:.3f}s" if ev.ttft_s is not None else "-"

@@ -54,6 +54,9 @@ class ServerMetrics:
                                        per_loops, **q)
         self.prompt_nll = Histogram("prompt_nll", "Mean NLL (nats) of a prompt's own tokens at the request's loops",
                                     per_loops, **q)
+        self.loops_per_token = Histogram("loops_per_token", "Loops each decoded token ran, by mode (fixed: the "
+                                         "request's loops; auto: until its state converged)", ["mode"],
+                                         namespace=ns, registry=r, buckets=(1, 2, 3, 4, 5, 6, 8, 12, 16, 24))
         self.engine_seconds = Counter("engine_seconds", "Engine thread time per phase of its turns: schedule (host), "
                                       "run (the model on a CPU; launches on a GPU), postprocess (detokenize, "
                                       "stream, metrics)", ["phase"], namespace=ns, registry=r)
@@ -78,7 +81,14 @@ class ServerMetrics:
                 series.labels(loops)
 
     def loops_label(self, loops: Any) -> str:
+        if loops == "auto":
+            return "auto"
         return str(loops) if isinstance(loops, int) and 1 <= loops <= self.loop_cap else INVALID
+
+    @staticmethod
+    def label(req: Any) -> str:
+        """A request's `loops` label: its loop count, or "auto" for an adaptive one."""
+        return "auto" if getattr(req, "adaptive", None) is not None else str(req.loops)
 
     def request(self, endpoint: str, loops: Any, code: int) -> None:
         self.requests.labels(endpoint, self.loops_label(loops), str(code)).inc()
@@ -86,14 +96,14 @@ class ServerMetrics:
     # ---- engine hooks (engine thread) ----
 
     def queued(self, req: Any, seconds: float) -> None:
-        self.queue.labels(str(req.loops)).observe(seconds)
-        self.prompt_tokens.labels(str(req.loops)).inc(len(req.prompt_ids))
+        self.queue.labels(self.label(req)).observe(seconds)
+        self.prompt_tokens.labels(self.label(req)).inc(len(req.prompt_ids))
 
     def prompt_scored(self, req: Any, nll: float) -> None:
-        self.prompt_nll.labels(str(req.loops)).observe(nll)
+        self.prompt_nll.labels(self.label(req)).observe(nll)
 
     def token(self, req: Any, ttft: float | None, itl: float | None, nll: float, entropy: float) -> None:
-        loops = str(req.loops)
+        loops = self.label(req)
         if ttft is not None:
             self.ttft.labels(loops).observe(ttft)
         if itl is not None:
@@ -101,17 +111,20 @@ class ServerMetrics:
         self.token_nll.labels(loops).observe(nll)
         self.token_entropy.labels(loops).observe(entropy)
 
+    def looped(self, req: Any, loops: int) -> None:
+        self.loops_per_token.labels("auto" if getattr(req, "adaptive", None) else "fixed").observe(loops)
+
     def engine_time(self, phase: str, seconds: float) -> None:
         self.engine_seconds.labels(phase).inc(seconds)
 
     def speculated(self, req: Any, accepted: bool) -> None:
-        self.drafts.labels(str(req.loops), "true" if accepted else "false").inc()
+        self.drafts.labels(self.label(req), "true" if accepted else "false").inc()
 
     def batch(self, rows: int) -> None:
         self.batch_size.set(rows)
 
     def finished(self, req: Any, ev: Any) -> None:
-        loops = str(req.loops)
+        loops = self.label(req)
         self.success.labels(loops, ev.finish_reason).inc()
         self.e2e.labels(loops).observe(ev.e2e_s)
         self.gen_tokens.labels(loops).inc(ev.completion_tokens)

@@ -63,8 +63,8 @@ def generation_doc(body: type) -> dict[str, Any]:
         "requestBody": {"required": True,
                         "content": {"application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}},
         "parameters": [{"name": "loops", "in": "query", "required": False,
-                        "description": "outer loops (depth); wins over the body's `loops`",
-                        "schema": {"type": "integer", "minimum": 1}}],
+                        "description": "outer loops (depth), or `auto`; wins over the body's `loops`",
+                        "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}}],
     }
 
 
@@ -104,6 +104,8 @@ def state_limits(doc: dict[str, Any], cfg: Any) -> None:
     for name in ("GenerateBody", "CompletionBody"):
         props = schemas[name]["properties"]
         _integer_branch(props["loops"]).update(minimum=1, maximum=cfg.loop_cap)
+        _integer_branch(props["max_loops"]).update(minimum=1, maximum=cfg.loop_cap)
+        _integer_branch(props["min_loops"]).update(maximum=cfg.loop_cap)
         _integer_branch(props["max_tokens"]).update(maximum=cfg.block_size - 1)
     for branch in schemas["CompletionBody"]["properties"]["prompt"]["anyOf"]:
         if branch.get("items", {}).get("type") == "integer":
@@ -111,7 +113,7 @@ def state_limits(doc: dict[str, Any], cfg: Any) -> None:
     for path in ("/generate", "/v1/completions"):
         for param in doc["paths"][path]["post"]["parameters"]:
             if param["name"] == "loops":
-                param["schema"]["maximum"] = cfg.loop_cap
+                _integer_branch(param["schema"])["maximum"] = cfg.loop_cap
 
 
 def _integer_branch(prop: dict[str, Any]) -> dict[str, Any]:

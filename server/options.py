@@ -59,6 +59,11 @@ class ServerOptions:
     speculative: str = option("off", "self-speculative decoding for requests that do not say (their "
                               "`speculative` field): off, or auto (drafts from the request's own early loops)",
                               choices=("off", "auto"))
+    adaptive_tolerance: float = option(0.01, "loops \"auto\" requests that give no tolerance: a token stops once "
+                                       "1 - cosine of its consecutive states is below this (0.01: 3.5 loops a token "
+                                       "on the demo at fixed-6 quality minus 0.03 nats; docs/results.md)")
+    adaptive_min_loops: int = option(2, "loops \"auto\" requests that give no min_loops: loops every token runs "
+                                     "(one loop's change from the embedding says little)")
     spec_tokens: int = option(3, "draft tokens a speculating request may keep in flight (each one a lane of its "
                               "own); 0 turns self-speculative decoding off")
     prompt_nll: bool = option(True, "score each prompt's own tokens (the prompt_nll metric and field)")
@@ -75,6 +80,9 @@ class ServerOptions:
                 raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.kv_budget < -1:
             raise ValueError(f"--kv-budget must be >= 0 (or -1 for the checkpoint's), got {self.kv_budget}")
+        if not self.adaptive_tolerance >= 0 or self.adaptive_min_loops < 1:
+            raise ValueError("--adaptive-tolerance must be >= 0 and --adaptive-min-loops >= 1, got "
+                             f"{self.adaptive_tolerance} and {self.adaptive_min_loops}")
         if self.spec_tokens < 0:
             raise ValueError(f"--spec-tokens must be >= 0, got {self.spec_tokens}")
         for name in ("loop_cap", "max_context"):

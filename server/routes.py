@@ -62,13 +62,15 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type) -> tuple[Any,
         stop = body.stop_list()
         prompt_ids = state.encode_prompt(body.prompt_text_or_ids() if endpoint == "completions" else body.prompt)
         max_tokens = body.tokens_to_generate(len(prompt_ids), state.config.block_size)
-        state.check_limits(len(prompt_ids), max_tokens, loops)
+        budget, adaptive = state.adaptive(body, loops)
+        state.check_limits(len(prompt_ids), max_tokens, budget)
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
-        speculative = state.speculation(body.speculative, loops)
+        speculative = state.speculation(body.speculative, budget, adaptive)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        req = Request(prompt_ids, loops, max_tokens, params, seed=body.seed, stop=stop, speculative=speculative,
-                      endpoint=endpoint, emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        req = Request(prompt_ids, budget, max_tokens, params, seed=body.seed, stop=stop, speculative=speculative,
+                      adaptive=adaptive, endpoint=endpoint,
+                      emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         try:
             state.engine.submit(req)
         except QueueFull as e:
@@ -107,12 +109,18 @@ async def events(state: Any, req: Request, queue: asyncio.Queue, http: HTTPReque
             state.engine.abort(req)
 
 
-def summary(ev: FinishEvent, loops: int) -> dict:
+def shown_loops(req: Request) -> int | str:
+    """The `loops` a response reports: the request's, "auto" for an adaptive one."""
+    return "auto" if req.adaptive is not None else req.loops
+
+
+def summary(ev: FinishEvent, loops: int | str) -> dict:
     return {
         "finish_reason": ev.finish_reason,
         "usage": {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                   "total_tokens": ev.prompt_tokens + ev.completion_tokens},
         "loops": loops,
+        "loops_per_token": ev.loops_per_token,
         "timing": {"ttft_s": ev.ttft_s, "e2e_s": ev.e2e_s, "tokens_per_s": ev.tokens_per_s},
         "quality": {"prompt_nll": ev.prompt_nll, "token_nll": ev.token_nll},
     }
@@ -166,11 +174,11 @@ async def generate(http: HTTPRequest):
                 elif ev.finish_reason == "error":
                     yield error_event(state, ev)
                 else:
-                    yield {"data": state.dumps({"text": ev.text, **summary(ev, req.loops)})}
+                    yield {"data": state.dumps({"text": ev.text, **summary(ev, shown_loops(req))})}
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
     text, final = await collect(state, req, queue, http)
-    return JSONResponse(GenerateResponse(text=text, model=state.name, **summary(final, req.loops)).model_dump())
+    return JSONResponse(GenerateResponse(text=text, model=state.name, **summary(final, shown_loops(req))).model_dump())
 
 
 @router.post("/v1/completions", summary="OpenAI-compatible completions (`loops` as an extra field)",
@@ -192,16 +200,19 @@ async def completions(http: HTTPRequest):
                 choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": None}
                 extra: dict = {"usage": None} if include_usage else {}
                 if isinstance(ev, FinishEvent):
-                    s = summary(ev, req.loops)
+                    s = summary(ev, shown_loops(req))
                     choice["finish_reason"] = ev.finish_reason
-                    extra.update(loops=req.loops, timing=s["timing"], quality=s["quality"])
+                    extra.update(loops=s["loops"], loops_per_token=s["loops_per_token"], timing=s["timing"],
+                                 quality=s["quality"])
                 yield {"data": state.dumps({**head, "choices": [choice], **extra})}
                 if isinstance(ev, FinishEvent) and include_usage:
-                    yield {"data": state.dumps({**head, "choices": [], "usage": summary(ev, req.loops)["usage"]})}
+                    usage = summary(ev, shown_loops(req))["usage"]
+                    yield {"data": state.dumps({**head, "choices": [], "usage": usage})}
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
     text, final = await collect(state, req, queue, http)
-    s = summary(final, req.loops)
+    s = summary(final, shown_loops(req))
     choice = CompletionChoice(index=0, text=text, finish_reason=final.finish_reason)
-    return JSONResponse(CompletionResponse(**head, choices=[choice], usage=s["usage"], loops=req.loops,
+    return JSONResponse(CompletionResponse(**head, choices=[choice], usage=s["usage"], loops=s["loops"],
+                                           loops_per_token=s["loops_per_token"],
                                            timing=s["timing"], quality=s["quality"]).model_dump())

@@ -19,11 +19,13 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 import torch
 from loopgpt.model import KVCache, SamplingParams, Tokenizer, load_checkpoint, resolve_device, resolve_dtype
+from loopgpt.model.adaptive import copy_exit_kv
 from loopgpt.model.step import OUT_FIELDS, PLAIN, StepState, decode_step, head_step, prefill
 
 
@@ -92,6 +94,7 @@ class PrefillChunk:
     start: int
     loops: int
     targets: list[int] | None = None  # what each position predicts, with prompt scoring on
+    adaptive: tuple[float, int] | None = None  # loops "auto": (tolerance, min_loops); `loops` is the budget
 
 
 @dataclass
@@ -116,6 +119,8 @@ class StepPlan:
     loop: list[int] = field(default_factory=list)  # 0-based loop index each entry runs now
     samples: list[Sample] = field(default_factory=list)  # lanes through the head after this step
     repeat: int = 1  # >1: the entries (listed `repeat` times, loops 0..repeat-1) run as consecutive steps
+    convergence: bool = False  # bring each entry's convergence value back (adaptive requests decide on it)
+    kv_copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, pos, exit loop, budget)
 
 
 @dataclass
@@ -125,11 +130,16 @@ class Pending:
     host: torch.Tensor  # (>= n, len(OUT_FIELDS)) float32, pinned on CUDA
     n: int
     event: Any = None  # torch.cuda.Event, or None when the copy was synchronous
+    conv: torch.Tensor | None = None  # (>= entries,) float32: each decode entry's convergence value
 
     def result(self) -> list[list[float]]:
         if self.event is not None and not self.event.query():
             self.event.synchronize()
         return self.host[: self.n].tolist()
+
+    def convergence(self) -> list[float]:
+        self.result()  # the same event covers both copies
+        return [] if self.conv is None else self.conv.tolist()
 
 
 # Rows of the step's integer and float input buffers.
@@ -173,6 +183,8 @@ class ModelRunner:
         self.d_long = torch.zeros(11, entries, dtype=torch.long, device=self.device)
         self.d_float = torch.zeros(2, entries, dtype=torch.float32, device=self.device)
         self.d_out = torch.zeros(entries, len(OUT_FIELDS), device=self.device)
+        self.d_conv = torch.zeros(entries, device=self.device)
+        self.h_conv = [torch.zeros(entries, pin_memory=pin) for _ in range(2)]
         self.turn = 0
         self.seconds = dict.fromkeys(("prefill", "decode", "head"), 0.0)
         self.slot_done: list[Any] = [None, None]  # per host slot: the event after its last copies
@@ -215,6 +227,10 @@ class ModelRunner:
         if plan.prefill:
             self._prefill(plan.prefill)
             t = self._clock("prefill", t)
+        for (exit_loop, budget), group in groupby(sorted(plan.kv_copies, key=lambda c: c[2:]), key=lambda c: c[2:]):
+            group = list(group)
+            rows = torch.tensor([c[0] for c in group], device=self.device)
+            copy_exit_kv(self.cache, rows, torch.tensor([c[1] for c in group], device=self.device), exit_loop, budget)
         h, f = self.np_long[slot], self.np_float[slot]
         if plan.repeat > 1:
             return self._run_lockstep(plan, slot)
@@ -248,8 +264,12 @@ class ModelRunner:
             else:
                 self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
             t = self._clock("decode", t)
+        conv = None
+        if plan.convergence and B:
+            conv = self.h_conv[slot]
+            conv[:B].copy_(self.d_conv[:B], non_blocking=True)
         if not Bh:
-            return None
+            return None if conv is None else self._pending(self.h_out[slot], 0, conv)
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         spec = any(s.mode != PLAIN for s in samples)
@@ -257,11 +277,14 @@ class ModelRunner:
         self._clock("head", t)
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
+        return self._pending(out, len(samples), conv)
+
+    def _pending(self, out: torch.Tensor, n: int, conv: torch.Tensor | None) -> Pending:
         event = None
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        return Pending(out, len(samples), event)
+        return Pending(out, n, event, conv)
 
     def _clock(self, phase: str, since: float) -> float:
         """Host time per phase of the runner (the model's time on a CPU; the launches on a GPU)."""
@@ -281,13 +304,18 @@ class ModelRunner:
         return self._run(StepPlan(samples=plan.samples), slot)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
-        targets = [c.targets or [] for c in chunks] if any(c.targets for c in chunks) else None
-        rows = [c.row for c in chunks]
-        last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in chunks], [c.start for c in chunks],
-                       [c.loops for c in chunks], self.scratch, targets)
-        # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
-        lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in chunks]
-        self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
+        """Plain chunks in one forward; adaptive ones (loops "auto") in one forward per (tolerance, min, budget)."""
+        key = lambda c: (c.adaptive is not None, c.adaptive or (), c.loops if c.adaptive else 0)  # noqa: E731
+        for (adaptive, _, _), group in groupby(sorted(chunks, key=key), key=key):
+            group = list(group)
+            targets = [c.targets or [] for c in group] if any(c.targets for c in group) else None
+            rows = [c.row for c in group]
+            last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in group],
+                           [c.start for c in group], [c.loops for c in group], self.scratch, targets,
+                           group[0].adaptive if adaptive else None)
+            # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
+            lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in group]
+            self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
 
     @staticmethod
     def _fill(dst, values: list, size: int, pad) -> None:
@@ -298,8 +326,8 @@ class ModelRunner:
 
     def _decode_fn(self, B: int, ctx: int, loop: int | None = None) -> None:
         d = self.d_long
-        decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
-                    d[LOOP, :B] if loop is None else loop, ctx)
+        self.d_conv[:B] = decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
+                                      d[LOOP, :B] if loop is None else loop, ctx)
 
     def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool) -> None:
         d, f = self.d_long, self.d_float

@@ -68,8 +68,17 @@ class SamplingBody(BaseModel):
     stop: str | Annotated[list[str], documented(maxItems=4)] | None = Field(
         default=None, description="up to 4 stop strings; the text ends before the first")
     stream: bool = Field(default=False, description="Server-Sent Events, one per token")
-    loops: int | None = Field(default=None, description="outer loops (depth) for this request; a `loops` query "
-                              "parameter wins (default: the checkpoint's trained maximum)")
+    loops: int | Literal["auto"] | None = Field(
+        default=None, description="outer loops (depth) for this request, or `auto`: each token stops looping once "
+        "its state has converged (within `max_loops`); a `loops` query parameter wins (default: the checkpoint's "
+        "trained maximum)")
+    max_loops: int | None = Field(default=None, description="with loops `auto`: the most loops a token may run "
+                                  "(default: the checkpoint's trained maximum)")
+    tolerance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="with loops `auto`: a "
+                                    "token stops once its state changed by less than this over a loop (1 - cosine "
+                                    "of consecutive states; default: the server's --adaptive-tolerance)")
+    min_loops: int | None = Field(default=None, ge=1, description="with loops `auto`: loops every token runs "
+                                  "(default: the server's --adaptive-min-loops)")
     speculative: Literal["auto", "off"] | SpeculativeSpec | None = Field(
         default=None, description="self-speculative decoding: drafts from this request's own first `draft_loops` "
         "loops, verified at its last loop (greedy output unchanged, sampled output keeps its distribution); `auto` "
@@ -172,7 +181,9 @@ class GenerateResponse(BaseModel):
     model: str
     finish_reason: FinishReason
     usage: Usage
-    loops: int
+    loops: int | Literal["auto"]
+    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
+                                           "first comes from the prefill)")
     timing: Timing
     quality: Quality
 
@@ -191,7 +202,9 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
-    loops: int
+    loops: int | Literal["auto"]
+    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
+                                           "first comes from the prefill)")
     timing: Timing
     quality: Quality
 
@@ -210,7 +223,9 @@ class GenerateFinalEvent(BaseModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
-    loops: int
+    loops: int | Literal["auto"]
+    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
+                                           "first comes from the prefill)")
     timing: Timing
     quality: Quality
 
@@ -224,7 +239,8 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice] = Field(description="empty in the usage chunk")
     usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
-    loops: int | None = Field(default=None, description="on the chunk that carries finish_reason")
+    loops: int | Literal["auto"] | None = Field(default=None, description="on the chunk that carries finish_reason")
+    loops_per_token: float | None = Field(default=None, description="on the chunk that carries finish_reason")
     timing: Timing | None = None
     quality: Quality | None = None
 
@@ -307,12 +323,15 @@ def parse_body(model: type[SamplingBody], data: dict) -> SamplingBody:
     return body
 
 
-def query_loops(values: list[str]) -> int | None:
-    """`?loops=N` (the values of every `loops` key); a non-integer or a repeated key is a 400 naming `loops`."""
+def query_loops(values: list[str]) -> int | str | None:
+    """`?loops=N` or `?loops=auto` (the values of every `loops` key); anything else, or a repeated key, is a 400
+    naming `loops`."""
     if not values:
         return None
     if len(values) > 1:
         raise APIError(400, f"loops is given {len(values)} times in the query; give it once", "loops")
+    if values[0].strip() == "auto":
+        return "auto"
     if not re.fullmatch(r"[+-]?[0-9]{1,18}", values[0].strip()):
-        raise APIError(400, f"loops must be an integer, got {values[0][:40]!r}", "loops")
+        raise APIError(400, f"loops must be an integer or auto, got {values[0][:40]!r}", "loops")
     return int(values[0])

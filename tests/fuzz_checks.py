@@ -1,10 +1,11 @@
 """Schemathesis hooks for tests/test_server_fuzz.py (loaded through SCHEMATHESIS_HOOKS): one check.
 
 `positive_data_acceptance_here` is schemathesis's own `positive_data_acceptance` (a schema-valid request
-must not be rejected) with exactly three rejections that a JSON Schema cannot state, all documented 400s:
+must not be rejected) with exactly four rejections that a JSON Schema cannot state, all documented 400s:
 
 - `context_length_exceeded`: prompt + max_tokens must fit the context, counted in tokens, not characters;
-- `speculative.draft_loops` must be below the request's own `loops` (one field bounded by another);
+- `speculative.draft_loops` must be below the request's own `loops`, `min_loops` at most `max_loops`, and an
+  explicit `speculative` does not go with `loops: "auto"` (one field bounded by another);
 - an integer field written as a float (`"loops": 4.0`): JSON Schema's `integer` admits 4.0, while our one
   type rule is OpenAI's strict one (no number is read from a string, no integer from a float).
 
@@ -42,7 +43,9 @@ def explained(response: Any, case: Any) -> bool:
         error = json.loads(response.content)["error"]
     except (ValueError, KeyError, TypeError):
         return False
-    below_loops = str(error.get("message", "")).startswith("speculative.draft_loops must be in")
+    message = str(error.get("message", ""))
+    below_loops = (message.startswith(("speculative.draft_loops must be in", "speculative decoding and loops"))
+                   or (message.startswith("min_loops must be in") and "(max_loops)" in message))
     if error.get("code") == "context_length_exceeded" or below_loops:
         return True
     param = error.get("param")

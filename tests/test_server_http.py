@@ -288,3 +288,33 @@ def test_serve_kv_budget_shares_slots_and_decodes_like_the_reference(tiny_checkp
         assert r.status_code == 200 and r.json()["text"] == c.text
         r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, "loops": 4, "speculative": {"draft_loops": 1}})
         assert r.status_code == 400 and "kv_budget" in r.json()["error"]["message"]
+
+
+def test_loops_auto_over_http_reports_the_loops_it_used(url):
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "loops": "auto", "max_loops": 4, "tolerance": 0.05,
+            **GREEDY}
+    r = post(url, "/generate", body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["loops"] == "auto" and 1 <= data["loops_per_token"] <= 4
+    events = stream(url, "/generate?loops=auto", {**body, "loops": None, "stream": True})
+    final = events[-2]
+    assert final["loops"] == "auto" and final["loops_per_token"] == data["loops_per_token"]
+    assert "".join(e["text"] for e in events[:-1]) == data["text"]
+    r = post(url, "/v1/completions", {"prompt": "The end.", "max_tokens": 6, "loops": "auto", **GREEDY})
+    assert r.status_code == 200 and r.json()["loops"] == "auto" and r.json()["loops_per_token"] >= 1
+    fixed = post(url, "/generate", {"prompt": "Hi", "max_tokens": 3, "loops": 3, **GREEDY}).json()
+    assert fixed["loops"] == 3 and fixed["loops_per_token"] == 3
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'loopgpt_loops_per_token_count{mode="auto"}' in metrics and 'loops="auto"' in metrics
+
+
+@pytest.mark.parametrize("body, param", [({"loops": "auto", "max_loops": 99}, "max_loops"),
+                                         ({"loops": "auto", "max_loops": 2, "min_loops": 3}, "min_loops"),
+                                         ({"loops": "auto", "tolerance": -1}, "tolerance"),
+                                         ({"loops": "deep"}, "loops"),
+                                         ({"loops": "auto", "speculative": {"draft_loops": 1}}, "speculative")])
+def test_bad_adaptive_values_are_400_naming_the_field(url, body, param):
+    r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

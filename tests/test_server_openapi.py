@@ -34,13 +34,16 @@ def test_generation_bodies_are_the_routes_models_with_the_checkpoints_limits(doc
         op = doc["paths"][path]["post"]
         assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{body}")
         assert [p["schema"] for p in op["parameters"] if p["name"] == "loops"] == \
-            [{"type": "integer", "minimum": 1, "maximum": 16}]
+            [{"anyOf": [{"type": "integer", "minimum": 1, "maximum": 16}, {"const": "auto"}]}]
         assert set(op["responses"]) == {"200", "400", "401", "413", "415", "429", "500", "503"} | \
             ({"404"} if path == "/v1/completions" else set())
         assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
         props = schemas[body]["properties"]
         assert schemas[body]["required"] == ["prompt"]
-        loops = next(b for b in props["loops"]["anyOf"] if b["type"] == "integer")
+        loops = next(b for b in props["loops"]["anyOf"] if b.get("type") == "integer")
+        assert any(b.get("const") == "auto" for b in props["loops"]["anyOf"])
+        budget = next(b for b in props["max_loops"]["anyOf"] if b.get("type") == "integer")
+        assert (budget["minimum"], budget["maximum"]) == (1, 16)
         max_tokens = next(b for b in props["max_tokens"]["anyOf"] if b["type"] == "integer")
         assert (loops["minimum"], loops["maximum"], max_tokens["maximum"]) == (1, 16, 47)  # --max-context 48
     ids = next(b for b in schemas["CompletionBody"]["properties"]["prompt"]["anyOf"]

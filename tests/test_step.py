@@ -50,8 +50,8 @@ def continuous_depth(model, prompts, loops, n_tokens, rows, pad_to=8):
         live = [r for r in rows if len(tokens[r]) < n_tokens]
         pad = pad_to - len(live)
         lanes = torch.tensor(live + [scratch] * pad)
-        x = decode_step(model, cache, state, lanes, lanes, torch.tensor([pos[r] for r in live] + [0] * pad),
-                        torch.tensor([loop[r] for r in live] + [0] * pad), ctx=model.config.block_size)
+        decode_step(model, cache, state, lanes, lanes, torch.tensor([pos[r] for r in live] + [0] * pad),
+                    torch.tensor([loop[r] for r in live] + [0] * pad), ctx=model.config.block_size)
         done = [i for i, r in enumerate(live) if loop[r] == depth[r] - 1]
         for r in live:
             loop[r] += 1
@@ -62,7 +62,7 @@ def continuous_depth(model, prompts, loops, n_tokens, rows, pad_to=8):
             out = head_step(model, state, h, h, h, one * 0, zero, one, zero, zero)
             for j, i in enumerate(done):
                 r = live[i]
-                logits[r].append(model.head(x[i][None, None])[0, 0])
+                logits[r].append(model.head(state.hidden[r][None, None])[0, 0])
                 tokens[r].append(int(out[j, OUT_FIELDS.index("token")]))
                 assert int(state.tokens[r]) == tokens[r][-1]
                 loop[r], pos[r] = 0, pos[r] + 1
