@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from loopgpt.model import SamplingParams, Tokenizer
 
-from .engine import Engine, FinishEvent, Request, TokenEvent
+from .engine import Adaptive, Engine, FinishEvent, Request, TokenEvent
 from .runner import ModelRunner
 from .speculation import SpecRequest
 
@@ -63,18 +63,21 @@ class InProcess:
         self.engine.stop()
 
     def submit(self, prompt: list[int], loops: int, max_tokens: int, then: Any = None,
-               speculative: SpecRequest | None = None, params: SamplingParams = GREEDY, seed: int | None = None
-               ) -> Waiter:
+               speculative: SpecRequest | None = None, params: SamplingParams = GREEDY, seed: int | None = None,
+               adaptive: Adaptive | None = None) -> Waiter:
+        """`loops` is the budget when `adaptive` is given."""
         waiter = Waiter(then)
         self.engine.submit(Request(list(prompt), loops, max_tokens, params, emit=waiter, eos_token=-1,
-                                   endpoint="bench", speculative=speculative, seed=seed))
+                                   endpoint="bench", speculative=speculative, seed=seed, adaptive=adaptive))
         return waiter
 
     def generate(self, specs: list[tuple[list[int], int, int]], timeout: float = 600.0,
-                 speculative: SpecRequest | None = None) -> tuple[list[list[int]], float]:
+                 speculative: SpecRequest | None = None, adaptive: Adaptive | None = None
+                 ) -> tuple[list[list[int]], float]:
         """(tokens of each (prompt, loops, max_tokens) request, wall seconds from submission to the last token)."""
         t0 = time.perf_counter()
-        waiters = [self.submit(p, n, m, speculative=speculative) for p, n, m in specs]
+        waiters = [self.submit(p, n, m, speculative=speculative, adaptive=adaptive) for p, n, m in specs]
+        self.last = waiters
         for w in waiters:
             if not w.done.wait(timeout):
                 raise TimeoutError(f"a benchmark request did not finish within {timeout:.0f} s")
