@@ -279,3 +279,26 @@ def test_docs_page_renders_the_api_under_its_policy(browser, server):
         assert any("/generate" in op for op in operations) and any("/v1/completions" in op for op in operations)
         row = page.locator("#schema-GenerateBody tr", has_text="loops").first.inner_text()
         assert f"maximum {LOOP_CAP}" in row  # the live limit of the served checkpoint
+
+
+def test_adaptive_and_speculative_modes_show_loops_per_token(page):
+    """Adaptive depth sends loops=auto with the slider as the budget and shows the loops each token used;
+    self-speculative decoding (greedy) streams the same text as plain decoding."""
+    page.fill("#prompt", "Once upon a time")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    set_slider(page, "#loops", 4)
+    texts = {}
+    for mode in ("plain", "speculative", "auto"):
+        page.set_checked("#speculative", mode == "speculative")
+        page.set_checked("#auto", mode == "auto")
+        page.click("#generate")
+        wait_for(page, "document.querySelector('.pane.a')?.dataset.done === 'true'", timeout=30_000)
+        pane = page.locator(".pane.a")
+        assert pane.locator(".error").inner_text() == ""
+        texts[mode] = pane.locator(".completion").inner_text()
+        lpt = float(pane.locator("[data-stat=lpt]").inner_text())
+        assert (1 <= lpt <= 4) if mode == "auto" else lpt == 4.0
+        assert pane.locator(".tag").inner_text() == {"plain": "loops 4", "speculative": "loops 4 · speculative",
+                                                      "auto": "loops auto ≤ 4"}[mode]
+    assert texts["speculative"] == texts["plain"] and texts["plain"].strip()

@@ -91,7 +91,9 @@ function makePane(loops, which) {
   const node = $("pane-template").content.firstElementChild.cloneNode(true);
   node.classList.add(which);
   node.dataset.loops = loops;
-  node.querySelector(".tag").textContent = `loops ${loops}`;
+  const modes = [$("auto").checked ? `loops auto ≤ ${loops}` : `loops ${loops}`];
+  if ($("speculative").checked && !$("auto").checked) modes.push("speculative");
+  node.querySelector(".tag").textContent = modes.join(" · ");
   node.querySelector(".prompt").textContent = $("prompt").value;
   return node;
 }
@@ -128,8 +130,11 @@ async function runOne(pane, loops, body, controller) {
   let firstAt = null, tokens = 0;
   pre.classList.add("running");
   try {
-    const response = await fetch(`/generate?loops=${loops}`, {
-      method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal,
+    // Adaptive depth: the slider value is the budget (max_loops) and the query asks for loops=auto.
+    const auto = $("auto").checked;
+    const sent = auto ? { ...body, max_loops: loops } : body;
+    const response = await fetch(`/generate?loops=${auto ? "auto" : loops}`, {
+      method: "POST", headers: headers(true), body: JSON.stringify(sent), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     for await (const payload of sseData(response.body)) {
@@ -158,6 +163,7 @@ async function runOne(pane, loops, body, controller) {
 
 function finish(pane, event) {
   setStat(pane, "finish", event.finish_reason);
+  if (typeof event.loops_per_token === "number") setStat(pane, "lpt", event.loops_per_token.toFixed(2));
   const parts = [];
   const t = event.timing || {};
   if (t.ttft_s !== undefined) parts.push(`ttft ${formatSeconds(t.ttft_s)}`);
@@ -185,7 +191,8 @@ async function generate() {
   // Both sides of a comparison share one seed, so any difference comes from the loop count.
   const seed = readNumber("seed", compare ? Math.floor(Math.random() * 2 ** 31) : undefined);
   const body = { prompt: $("prompt").value, max_tokens: readNumber("max-tokens", 128),
-                 temperature: readNumber("temperature", 0.8), seed, stream: true };
+                 temperature: readNumber("temperature", 0.8), seed, stream: true,
+                 speculative: $("speculative").checked ? "auto" : "off" };
   const outputs = $("outputs");
   outputs.className = "outputs" + (compare ? " compare" : "");
   outputs.replaceChildren();
