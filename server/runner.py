@@ -368,6 +368,10 @@ class ModelRunner:
     def warmup(self, max_ctx: int | None = None) -> int:
         """Capture (or compile) every decode and head variant up front, so no request pays for it; returns the
         number of variants. Contexts up to `max_ctx` (default: the whole cache)."""
+        with self.context():  # as the engine thread runs them: no autograd state recorded into a graph
+            return self._warmup(max_ctx)
+
+    def _warmup(self, max_ctx: int | None) -> int:
         limit = max_ctx or self.cache.max_len
         self._point_at_scratch()  # warm-up steps really run: on the scratch row and lane only
         ctxs = sorted({ctx_bucket(n, self.cache.max_len) for n in range(1, limit + 1)})
