@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from loopgpt.model import KVCache, SamplingParams, Tokenizer, load_checkpoint, resolve_device, resolve_dtype
-from loopgpt.model.step import OUT_FIELDS, PLAIN, StepState, decode_step, head_step, prefill
+from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill
 
 
 class BackendError(ValueError):
@@ -91,6 +91,7 @@ class PrefillChunk:
     start: int
     loops: int
     targets: list[int] | None = None  # what each position predicts, with prompt scoring on
+    scored: bool = False  # keep each target's log-probability and top alternatives (echo), see take_scores
 
 
 @dataclass
@@ -104,6 +105,20 @@ class Sample:
     seed: int
     counter: int  # index of the token being sampled in its request
     mode: int = PLAIN  # PLAIN, DRAFT or VERIFY (model/step.py)
+    ban: bool = False  # the row's banned tokens (see ModelRunner.ban) may not be sampled for this token
+    top: bool = False  # report the top log-probabilities (the turn's head then computes them for every row)
+
+
+@dataclass
+class Fork:
+    """After this turn's prefill: copy the prompt (K/V at positions < length, hidden state, prompt NLL) of cache
+    row `src` to `rows`, so n choices of one prompt share its prefill."""
+
+    src: int
+    src_lane: int
+    rows: list[int]
+    lanes: list[int]
+    length: int
 
 
 @dataclass
@@ -115,13 +130,14 @@ class StepPlan:
     loop: list[int] = field(default_factory=list)  # 0-based loop index each entry runs now
     samples: list[Sample] = field(default_factory=list)  # lanes through the head after this step
     repeat: int = 1  # >1: the entries (listed `repeat` times, loops 0..repeat-1) run as consecutive steps
+    forks: list[Fork] = field(default_factory=list)  # prompts copied to further rows after the prefill
 
 
 @dataclass
 class Pending:
     """Sampled tokens on their way back to the host."""
 
-    host: torch.Tensor  # (>= n, len(OUT_FIELDS)) float32, pinned on CUDA
+    host: torch.Tensor  # (>= n, len(OUT_FIELDS) + TOP_FIELDS) float32, pinned on CUDA; the top only when asked
     n: int
     event: Any = None  # torch.cuda.Event, or None when the copy was synchronous
 
@@ -132,7 +148,7 @@ class Pending:
 
 
 # Rows of the step's integer and float input buffers.
-LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE = range(11)
+LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE, BAN = range(12)
 TEMPERATURE, TOP_P = range(2)
 
 
@@ -157,21 +173,22 @@ class ModelRunner:
         self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
         vocab = self.config.vocab_size if lanes_per_row > 1 else 0
         self.state = StepState.allocate(self.scratch_lane + 1, max_batch + 1, self.config.n_embd, self.device, dtype,
-                                        vocab)
+                                        vocab, ban_vocab=self.config.vocab_size)
+        self.scores: dict[int, list[torch.Tensor]] = {}  # cache row -> its prompt's score tables, on the host
         entries = max_batch * lanes_per_row
         self.sizes = buckets(entries)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda
         # Two host slots, alternated per step: a slot is rewritten only after its previous copy completed.
-        self.h_long = [torch.zeros(11, entries, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.h_long = [torch.zeros(12, entries, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.h_float = [torch.zeros(2, entries, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         # numpy views of the same memory: filling them from Python lists costs a microsecond, a torch.tensor() ten
         self.np_long = [h.numpy() for h in self.h_long]
         self.np_float = [h.numpy() for h in self.h_float]
-        self.h_out = [torch.zeros(entries, len(OUT_FIELDS), pin_memory=pin) for _ in range(2)]
-        self.d_long = torch.zeros(11, entries, dtype=torch.long, device=self.device)
+        self.h_out = [torch.zeros(entries, len(OUT_FIELDS) + TOP_FIELDS, pin_memory=pin) for _ in range(2)]
+        self.d_long = torch.zeros(12, entries, dtype=torch.long, device=self.device)
         self.d_float = torch.zeros(2, entries, dtype=torch.float32, device=self.device)
-        self.d_out = torch.zeros(entries, len(OUT_FIELDS), device=self.device)
+        self.d_out = torch.zeros(entries, len(OUT_FIELDS) + TOP_FIELDS, device=self.device)
         self.turn = 0
         self.slot_done: list[Any] = [None, None]  # per host slot: the event after its last copies
         self.graphs: dict[tuple, Any] = {}
@@ -211,6 +228,8 @@ class ModelRunner:
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         if plan.prefill:
             self._prefill(plan.prefill)
+        for fork in plan.forks:
+            self._fork(fork)
         h, f = self.np_long[slot], self.np_float[slot]
         if plan.repeat > 1:
             return self._run_lockstep(plan, slot)
@@ -231,6 +250,7 @@ class ModelRunner:
             vocab = self.config.vocab_size  # a top_k beyond the vocabulary filters nothing (and may not fit int64)
             self._fill(h[TOP_K], [min(s.params.top_k, vocab) for s in samples], Bh, 0)
             self._fill(h[MODE], [s.mode for s in samples], Bh, PLAIN)
+            self._fill(h[BAN], [s.ban for s in samples], Bh, 0)
             self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
             self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
         # Whole buffers, contiguous and pinned: truly asynchronous copies (a strided one would be staged by the host).
@@ -248,7 +268,9 @@ class ModelRunner:
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         spec = any(s.mode != PLAIN for s in samples)
-        self._replay(("head", Bh, random, filtered, spec), lambda: self._head(Bh, random, filtered, spec))
+        ban, top = any(s.ban for s in samples), any(s.top for s in samples)
+        self._replay(("head", Bh, random, filtered, spec, ban, top),
+                     lambda: self._head(Bh, random, filtered, spec, ban, top))
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
         event = None
@@ -271,11 +293,34 @@ class ModelRunner:
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         targets = [c.targets or [] for c in chunks] if any(c.targets for c in chunks) else None
         rows = [c.row for c in chunks]
+        scores: list[torch.Tensor] | None = [] if any(c.scored and c.targets for c in chunks) else None
         last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in chunks], [c.start for c in chunks],
-                       [c.loops for c in chunks], self.scratch, targets)
+                       [c.loops for c in chunks], self.scratch, targets, scores)
+        for i, c in enumerate(chunks):
+            if scores and c.scored and c.targets:
+                # on its way to the host with the turn's other outputs (pinned, asynchronous on CUDA)
+                self.scores.setdefault(c.row, []).append(scores[0][i, :len(c.targets)].to("cpu", non_blocking=True))
         # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
         lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in chunks]
         self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
+
+    def _fork(self, fork: Fork) -> None:
+        rows = torch.tensor(fork.rows, device=self.device)
+        self.cache.copy_rows(fork.src, rows, fork.length)
+        self.state.hidden[torch.tensor(fork.lanes, device=self.device)] = self.state.hidden[fork.src_lane].clone()
+        self.state.prompt_nll[rows] = self.state.prompt_nll[fork.src].clone()
+
+    def take_scores(self, row: int) -> list[list[float]]:
+        """The scored prompt chunks of cache row `row` (call once the turn that completed its prompt is back):
+        per target position, [log-probability, TOP_LOGPROBS top values, their ids]."""
+        return [r for t in self.scores.pop(row, []) for r in t.tolist()]
+
+    def ban(self, row: int, tokens: list[int]) -> None:
+        """The tokens that cache row `row` may not sample while its head rows carry `ban` (min_tokens); set at
+        admission, before the row's first step, through pinned memory (no wait on the device)."""
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, pin_memory=self.cuda)
+        mask[tokens] = True
+        self.state.banned[row].copy_(mask, non_blocking=True)
 
     @staticmethod
     def _fill(dst, values: list, size: int, pad) -> None:
@@ -289,11 +334,14 @@ class ModelRunner:
         decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
                     d[LOOP, :B] if loop is None else loop, ctx)
 
-    def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool) -> None:
+    def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool, ban: bool = False,
+                 top: bool = False) -> None:
         d, f = self.d_long, self.d_float
-        self.d_out[:Bh] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
-                                    f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
-                                    d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered)
+        width = len(OUT_FIELDS) + (TOP_FIELDS if top else 0)
+        self.d_out[:Bh, :width] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
+                                            f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
+                                            d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered,
+                                            d[BAN, :Bh] > 0 if ban else None, top)
 
     # ---- CUDA graphs ----
 
@@ -334,7 +382,8 @@ class ModelRunner:
         keys = [("decode", B, c) for B in self.sizes for c in ctxs]
         modes = [(r, f) for r, f in ((False, False), (True, False), (True, True))]
         specs = (False, True) if self.lanes_per_row > 1 else (False,)
-        keys += [("head", B, r, f, s) for B in self.sizes for r, f in modes for s in specs]
+        flags = [(b, t) for b in (False, True) for t in (False, True)]  # ban (min_tokens), top (logprobs)
+        keys += [("head", B, r, f, s, b, t) for B in self.sizes for r, f in modes for s in specs for b, t in flags]
         for key in keys:
             if key[0] == "decode":
                 self._replay(key, lambda k=key: self._decode(k[1], k[2]))
@@ -347,8 +396,10 @@ class ModelRunner:
     def _point_at_scratch(self) -> None:
         self.d_long[[LANE, H_SRC, H_DST]] = self.scratch_lane
         self.d_long[[ROW, H_ROW]] = self.scratch
-        self.d_long[[POS, LOOP, MODE]] = 0
+        self.d_long[[POS, LOOP, MODE, BAN]] = 0
 
     def free(self, row: int) -> None:
-        """Nothing to clear: a reused row's stale K/V sit at positions its next request writes before reading."""
+        """Nothing to clear: a reused row's stale K/V sit at positions its next request writes before reading (its
+        banned tokens are set again by a next request that bans any, and read only by one)."""
         assert 0 <= row < self.max_batch
+        self.scores.pop(row, None)
