@@ -27,6 +27,8 @@ from loopgpt.model.memory import check_memory
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from .chat import ChatTemplate
+from .chat_routes import router as chat_router
 from .engine import Engine
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
@@ -62,6 +64,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
     on_fatal: Callable[[str], None] | None = None
+    chat: ChatTemplate | None = None  # the checkpoint's chat template, or the default
 
     @property
     def config(self) -> Any:
@@ -97,6 +100,7 @@ class ServerState:
         if opt.cuda_graphs or opt.compile:
             log.info("warming up: %d step variants captured/compiled", runner.warmup())
         cfg = loaded.model.config
+        self.chat = ChatTemplate(loaded.chat_template)
         self.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine = Engine(runner, loaded.tokenizer, opt.max_queue, self.metrics, opt.prompt_nll, opt.prefill_chunk)
         engine.start()
@@ -119,18 +123,35 @@ class ServerState:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], special: bool = False) -> list[int]:
+        """Token ids of a prompt. With `special` (the OpenAI routes and /tokenize, as vLLM reads a prompt), the
+        tokenizer's special tokens written in the text (`<|endoftext|>`) are those tokens."""
         if isinstance(prompt, str):
-            return self.loaded.tokenizer.encode(prompt)
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "prompt")
+            tokenizer = self.loaded.tokenizer
+            return tokenizer.encoding.encode(prompt, allowed_special="all") if special else tokenizer.encode(prompt)
+        self.check_token_ids(prompt, "prompt")
         return list(prompt)
 
-    def check_loops(self, loops: int) -> None:
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", param)
+
+    def check_loops(self, loops: int, param: str = "loops") -> None:
         if not 1 <= loops <= self.config.loop_cap:
-            raise APIError(400, f"loops must be in 1..{self.config.loop_cap}, got {loops}", "loops")
+            raise APIError(400, f"{param} must be in 1..{self.config.loop_cap}, got {loops}", param)
+
+    def check_choices(self, prompts: int, body: Any) -> None:
+        """Every prompt is one queue entry, and its candidates are admitted together: both must fit."""
+        rows, queue = self.options.max_batch, self.options.max_queue
+        if body.candidates() > rows:
+            param = "n" if body.candidates() == body.n else "best_of"
+            raise APIError(400, f"{param} ({body.candidates()}) exceeds the {rows} rows this server decodes together "
+                           "(--max-batch)", param)
+        if prompts > queue:
+            raise APIError(400, f"prompt: {prompts} prompts exceed the {queue} requests this server queues "
+                           "(--max-queue); send fewer per request", "prompt")
 
     def speculation(self, asked: Any, loops: int) -> SpecRequest | None:
         """A request's `speculative` field (or the server's default) as the engine's SpecRequest, or None (plain).
@@ -195,6 +216,7 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
     app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
     app.include_router(router)
+    app.include_router(chat_router)
     app.add_middleware(GuardMiddleware)
     if state.options.replica_name:
         app.add_middleware(ReplicaHeader, name=state.options.replica_name)

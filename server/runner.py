@@ -43,6 +43,7 @@ class Loaded:
     name: str
     device: str
     dtype: torch.dtype = torch.float32
+    chat_template: str | None = None  # the checkpoint's chat_template.jinja (server/chat.py), if it has one
 
 
 def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto", dtype: str = "auto",
@@ -56,15 +57,24 @@ def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model, tokenizer, evals = load_checkpoint(checkpoint, device=dev, dtype=dt)
-        return Loaded(model, tokenizer, evals, name, dev, dt)
+        return Loaded(model, tokenizer, evals, name, dev, dt, chat_template(checkpoint))
     if backend == "onnx":
         if onnx_loader is None:
             raise BackendError(ONNX_MISSING)
         if dtype not in ("auto", "float32"):
             raise BackendError(f"--backend onnx runs the exported float32 graphs; --dtype {dtype} is torch-only")
         runner, tokenizer, evals = onnx_loader(checkpoint)
-        return Loaded(runner, tokenizer, evals, name, "cpu")
+        return Loaded(runner, tokenizer, evals, name, "cpu", chat_template=chat_template(checkpoint))
     raise BackendError(f"--backend must be torch or onnx, got {backend!r}")
+
+
+def chat_template(directory: str | Path) -> str | None:
+    """The text of a checkpoint's `chat_template.jinja` (read here, compiled by the server), or None."""
+    path = Path(directory) / "chat_template.jinja"
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackendError(f"{path}: cannot read the chat template ({e})") from e
 
 
 def buckets(limit: int) -> list[int]:
