@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -108,11 +109,20 @@ class ServerState:
         log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,
                  loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, opt.max_batch)
 
-    def check_model(self, model: str | None) -> None:
-        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise)."""
-        if model is not None and model != self.name:
+    def check_model(self, model: str | None) -> int | None:
+        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise), which may
+        name a depth: `demo:loops=6` (for clients that can set nothing but the model, lm-eval's loglikelihood
+        requests among them). Returns that depth, or None."""
+        if model is None or model == self.name:
+            return None
+        name, _, loops = model.partition(":loops=")
+        if name != self.name:
             raise APIError(404, f"the model {model[:100]!r} does not exist here; this server serves {self.name!r} "
                            "(GET /v1/models)", "model", code="model_not_found")
+        if not re.fullmatch(r"[0-9]{1,9}", loops):
+            raise APIError(400, f"model: a depth is written {self.name}:loops=N, got {model[:100]!r}", "model")
+        self.check_loops(int(loops), "model")
+        return int(loops)
 
     def authorize(self, http: HTTPRequest) -> None:
         key = self.options.api_key

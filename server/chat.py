@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .schemas import (
     APIError,
     OpenAIBody,
+    PlainBody,
     Quality,
     Timing,
     Unsupported,
@@ -92,6 +93,17 @@ class ChatMessage(BaseModel):
         """The message as a template reads it: its text in one string."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": self.role, "content": text}
+
+
+class TokenizeBody(PlainBody):
+    """vLLM's /tokenize: a prompt (encoded as /v1/completions encodes it) or chat messages (templated)."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, description="chat messages, rendered with the chat "
+                                               "template (give prompt or messages)")
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(default=True, description="accepted; this tokenizer adds none")
+    model: str | None = None
 
 
 class ChatBody(OpenAIBody):

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
 from . import choices as ch
-from .chat import AssistantMessage, ChatBody, ChatChoice, ChatChunk, ChatResponse
+from .chat import AssistantMessage, ChatBody, ChatChoice, ChatChunk, ChatResponse, TokenizeBody
 from .engine import FinishEvent, TokenEvent
 from .logprobs import chat_entry
 from .openapi import error_responses, generation_doc, json_body_doc, stream_content
@@ -27,7 +27,6 @@ from .schemas import (
     DetokenizeBody,
     DetokenizeResponse,
     ErrorResponse,
-    TokenizeBody,
     TokenizeResponse,
     TokenizerInfo,
     parse_body,
@@ -115,8 +114,7 @@ async def tokenize(http: HTTPRequest):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either prompt or messages", "prompt")
     if body.messages is not None:
-        messages = [m.plain() for m in parse_body(ChatBody, {"messages": body.messages}).messages]
-        text = state.chat.render(messages, body.add_generation_prompt)
+        text = state.chat.render([m.plain() for m in body.messages], body.add_generation_prompt)
     else:
         text = body.prompt
     ids = state.encode_prompt(text, special=True)

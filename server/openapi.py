@@ -24,7 +24,6 @@ from .schemas import (
     GenerateBody,
     GenerateFinalEvent,
     GenerateTokenEvent,
-    TokenizeBody,
 )
 
 REF = "#/components/schemas/{model}"
@@ -91,7 +90,7 @@ def build_openapi(app: FastAPI, state: Any) -> dict[str, Any]:
     """The document, cached once the model is loaded (its limits are part of it)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
-    from .chat import ChatBody, ChatChunk  # chat imports the schemas this module documents
+    from .chat import ChatBody, ChatChunk, TokenizeBody  # chat imports the schemas this module documents
 
     doc = get_openapi(title="loopgpt", version=app.version, description=DESCRIPTION, routes=app.routes)
     bodies = (GenerateBody, CompletionBody, ChatBody, TokenizeBody, DetokenizeBody)

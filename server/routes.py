@@ -80,9 +80,9 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encod
             state.check_loops(body.loops)
         if body.max_loops is not None:
             state.check_loops(body.max_loops, "max_loops")
-        loops = body.resolve_loops(loops, state.config.max_loops)
+        named = state.check_model(getattr(body, "model", None))
+        loops = body.resolve_loops(loops, state.config.max_loops, named)
         http.state.loops = loops
-        state.check_model(getattr(body, "model", None))
         stop = body.stop_list() + [s for s in more_stops or [] if s not in body.stop_list()]
         prompts = encode(state, body)
         state.check_choices(len(prompts), body)

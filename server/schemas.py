@@ -89,9 +89,10 @@ class SamplingBody(BaseModel):
                                   "a 400)")
     default_max_tokens: ClassVar[int] = 64
 
-    def resolve_loops(self, query: int | None, default: int) -> int:
-        """The depth this request runs at: the query's, the body's, else the default cut to max_loops."""
-        loops = query if query is not None else self.loops
+    def resolve_loops(self, query: int | None, default: int, named: int | None = None) -> int:
+        """The depth this request runs at: the query's, the body's, the model name's (`demo:loops=6`), else the
+        default cut to max_loops."""
+        loops = next((n for n in (query, self.loops, named) if n is not None), None)
         if loops is None:
             return min(default, self.max_loops or default)
         if self.max_loops is not None and loops > self.max_loops:
@@ -139,7 +140,8 @@ class StreamOptions(BaseModel):
 class OpenAIBody(SamplingBody):
     """Fields /v1/completions and /v1/chat/completions share: choices, penalties (refused), the model's id."""
 
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it")
+    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it; "
+                              "`<id>:loops=N` also names a depth (below the query's and the body's loops)")
     n: int = Field(default=1, ge=1, description="choices per prompt, sampled with seeds seed, seed + 1, ... (the "
                    "prompt is prefilled once; at most the server's --max-batch)")
     stream_options: StreamOptions | None = None
@@ -152,8 +154,8 @@ class OpenAIBody(SamplingBody):
     refused: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty", "logit_bias")
 
     def check_supported(self) -> None:
-        for name in self.refused:
-            if getattr(self, name):
+        for name in self.refused:  # a penalty of 0 and a null are what these fields may be
+            if getattr(self, name) not in (None, 0):
                 raise APIError(400, f"{name} is not supported (got {getattr(self, name)!r}); leave it out", name,
                                code="unsupported_parameter")
 
@@ -327,15 +329,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeBody(BaseModel):
-    """vLLM's /tokenize: a prompt (encoded as /v1/completions encodes it) or chat messages (templated)."""
+class PlainBody(BaseModel):
+    """A body of the tokenizer routes: strict, unknown fields ignored, nothing refused beyond its schema."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    prompt: str | None = None
-    messages: list[dict] | None = Field(default=None, description="chat messages, rendered with the chat template")
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = Field(default=True, description="accepted; this tokenizer adds none")
-    model: str | None = None
+
+    def check_supported(self) -> None:
+        """Nothing to refuse (see parse_body)."""
 
 
 class TokenizeResponse(BaseModel):
@@ -344,8 +344,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class DetokenizeBody(PlainBody):
     tokens: list[int]
     model: str | None = None
 
@@ -408,7 +407,7 @@ def union_member(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or "[" in part)
 
 
-def parse_body(model: type[SamplingBody], data: dict) -> SamplingBody:
+def parse_body(model: type[SamplingBody | PlainBody], data: dict) -> SamplingBody | PlainBody:
     try:
         body = model.model_validate(data)
     except ValidationError as e:
