@@ -120,9 +120,13 @@ class ChatBody(OpenAIBody):
     functions: Annotated[list | None, Unsupported] = None
     function_call: Annotated[Any, Unsupported] = None
     response_format: Annotated[dict | None, Unsupported] = None
+    audio: Annotated[dict | None, Unsupported] = None
+    prediction: Annotated[dict | None, Unsupported] = None
+    web_search_options: Annotated[dict | None, Unsupported] = None
     default_max_tokens: ClassVar[int] = 1 << 30  # OpenAI's: as many as the context holds
-    refused: ClassVar[tuple[str, ...]] = OpenAIBody.refused + ("tools", "tool_choice", "functions",
-                                                               "function_call", "response_format")
+    refused: ClassVar[tuple[str, ...]] = OpenAIBody.refused + ("tools", "tool_choice", "functions", "function_call",
+                                                               "response_format", "audio", "prediction",
+                                                               "web_search_options")
 
     def tokens_to_generate(self, n_prompt: int, context: int) -> int:
         if self.max_completion_tokens is not None:
