@@ -182,3 +182,21 @@ def test_a_group_is_admitted_whole_and_equals_separate_requests(demo):
         assert got == alone
     finally:
         engine.stop()
+
+
+def test_the_openai_client_sends_every_new_field(server):
+    """Each new field through the official client (extensions in extra_body), streaming and not, equals the same
+    body sent by hand."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    extra = {"loops": 2, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [0], "priority": -3, "max_loops": 4}
+    fields = {"prompt": "The end.", "max_tokens": 5, "temperature": 0.8, "seed": 9, "echo": True, "logprobs": 2}
+    out = client.completions.create(model="demo", best_of=2, extra_body=extra, **fields)
+    by_hand = post(url, "/v1/completions", {**fields, **extra, "best_of": 2}).json()
+    assert out.choices[0].text == by_hand["choices"][0]["text"] and out.choices[0].text.startswith("The end.")
+    assert out.choices[0].logprobs.token_logprobs == by_hand["choices"][0]["logprobs"]["token_logprobs"]
+    assert out.choices[0].logprobs.token_logprobs[0] is None and out.model_extra["loops"] == 2
+    chunks = list(client.completions.create(model="demo", stream=True, extra_body=extra, **fields))
+    assert "".join(c.choices[0].text for c in chunks) == post(url, "/v1/completions", {**fields, **extra}).json()[
+        "choices"][0]["text"]
+    assert [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs][0] is None
