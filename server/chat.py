@@ -1,4 +1,5 @@
-"""Chat: the template that turns OpenAI messages into a prompt, and the `/v1/chat/completions` bodies.
+"""Chat: the template that turns OpenAI messages into a prompt, the `/v1/chat/completions` bodies, and the bodies
+of the tokenizer routes (which render messages too).
 
 A checkpoint may carry its template as `chat_template.jinja` beside its weights (Hugging Face's file name and
 its Jinja dialect: `messages`, `add_generation_prompt`, `raise_exception`, rendered in a sandbox). A base model
@@ -27,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from .schemas import (
     APIError,
     OpenAIBody,
-    PlainBody,
     Quality,
     Timing,
     Unsupported,
@@ -93,6 +93,41 @@ class ChatMessage(BaseModel):
         """The message as a template reads it: its text in one string."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": self.role, "content": text}
+
+
+class PlainBody(BaseModel):
+    """A body of the tokenizer routes: strict, unknown fields ignored, nothing refused beyond its schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    def check_supported(self) -> None:
+        """Nothing to refuse (see parse_body)."""
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeBody(PlainBody):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What lm-eval's remote tokenizer reads (vLLM's /tokenizer_info)."""
+
+    tokenizer_class: str
+    eos_token: str
+    bos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str
+    model_max_length: int
 
 
 class TokenizeBody(PlainBody):

@@ -17,21 +17,23 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
 from . import choices as ch
-from .chat import AssistantMessage, ChatBody, ChatChoice, ChatChunk, ChatResponse, TokenizeBody
+from .chat import (
+    AssistantMessage,
+    ChatBody,
+    ChatChoice,
+    ChatChunk,
+    ChatResponse,
+    DetokenizeBody,
+    DetokenizeResponse,
+    TokenizeBody,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 from .engine import FinishEvent, TokenEvent
 from .logprobs import chat_entry
 from .openapi import error_responses, generation_doc, json_body_doc, stream_content
 from .routes import GENERATION_ERRORS, Submission, collect, error_event, response_head, submit, summary
-from .schemas import (
-    APIError,
-    DetokenizeBody,
-    DetokenizeResponse,
-    ErrorResponse,
-    TokenizeResponse,
-    TokenizerInfo,
-    parse_body,
-    read_json,
-)
+from .schemas import APIError, ErrorResponse, parse_body, read_json
 
 router = APIRouter()
 CHAT_EVENTS = ("with stream: per choice (`index`) a first `chat.completion.chunk` with the assistant role, one per "

@@ -19,7 +19,6 @@ from pydantic.json_schema import models_json_schema
 from .schemas import (
     CompletionBody,
     CompletionChunk,
-    DetokenizeBody,
     ErrorResponse,
     GenerateBody,
     GenerateFinalEvent,
@@ -90,7 +89,7 @@ def build_openapi(app: FastAPI, state: Any) -> dict[str, Any]:
     """The document, cached once the model is loaded (its limits are part of it)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
-    from .chat import ChatBody, ChatChunk, TokenizeBody  # chat imports the schemas this module documents
+    from .chat import ChatBody, ChatChunk, DetokenizeBody, TokenizeBody  # chat imports the schemas documented here
 
     doc = get_openapi(title="loopgpt", version=app.version, description=DESCRIPTION, routes=app.routes)
     bodies = (GenerateBody, CompletionBody, ChatBody, TokenizeBody, DetokenizeBody)

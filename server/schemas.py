@@ -329,41 +329,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class PlainBody(BaseModel):
-    """A body of the tokenizer routes: strict, unknown fields ignored, nothing refused beyond its schema."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    def check_supported(self) -> None:
-        """Nothing to refuse (see parse_body)."""
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-
-
-class DetokenizeBody(PlainBody):
-    tokens: list[int]
-    model: str | None = None
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class TokenizerInfo(BaseModel):
-    """What lm-eval's remote tokenizer reads (vLLM's /tokenizer_info)."""
-
-    tokenizer_class: str
-    eos_token: str
-    bos_token: str | None = None
-    pad_token: str | None = None
-    chat_template: str
-    model_max_length: int
-
-
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
@@ -407,7 +372,8 @@ def union_member(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or "[" in part)
 
 
-def parse_body(model: type[SamplingBody | PlainBody], data: dict) -> SamplingBody | PlainBody:
+def parse_body(model: type[BaseModel], data: dict) -> Any:
+    """A validated body (any of ours: each has `check_supported`), or a 400 naming the field."""
     try:
         body = model.model_validate(data)
     except ValidationError as e:
