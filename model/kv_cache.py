@@ -54,6 +54,12 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
+    def copy_rows(self, src: int, dst: torch.Tensor, length: int) -> None:
+        """Copy the K/V of row `src` at positions < `length`, every slot, into rows `dst` ((N,) long): a prompt
+        prefilled once serves several choices (n > 1). On the device, nothing read back."""
+        self.k[:, dst, :, :length] = self.k[:, src, None, :, :length]  # (S, N, H, length, D)
+        self.v[:, dst, :, :length] = self.v[:, src, None, :, :length]
+
     def write(self, slot: int | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Store k, v (B, H, T, D) at positions `pos` (B, T) of cache rows `rows` ((B,) or per token (B, T)).

@@ -30,6 +30,8 @@ from .sampling import sample, token_stats, verify
 OUT_FIELDS = ("token", "nll", "entropy", "finite", "prompt_nll", "accepted")  # columns of head_step's output
 PLAIN, DRAFT, VERIFY = range(3)  # what a head row does (see head_step)
 SERVING_MEASURE = "cosine"  # the convergence measure a step computes: no head needed (docs/results.md)
+TOP_LOGPROBS = 5  # alternatives per token a client may ask for (OpenAI's limit for completions)
+TOP_FIELDS = 2 * TOP_LOGPROBS  # with `top`, head_step's output gains the top log-probabilities, then their ids
 
 
 @dataclass
@@ -44,15 +46,18 @@ class StepState:
     tokens: torch.Tensor  # (L,) long: the token each lane embeds at its next loop 0
     prompt_nll: torch.Tensor  # (R,) float32, per cache row: summed NLL of the prompt tokens scored so far
     draft_logits: torch.Tensor | None = None  # (L, V) float32: the distribution a lane's draft token came from
+    banned: torch.Tensor | None = None  # (R, V) bool, per cache row: tokens a head row with `ban` may not sample
 
     @classmethod
     def allocate(cls, lanes: int, rows: int, n_embd: int, device, dtype: torch.dtype,
-                 vocab: int = 0) -> StepState:
-        """`vocab` > 0 also allocates the draft distributions that self-speculative sampling verifies against."""
+                 vocab: int = 0, ban_vocab: int = 0) -> StepState:
+        """`vocab` > 0 also allocates the draft distributions that self-speculative sampling verifies against;
+        `ban_vocab` > 0 the per-row banned tokens (`min_tokens`: no EOS or stop token before that many)."""
         return cls(torch.zeros(lanes, n_embd, device=device, dtype=dtype),
                    torch.zeros(lanes, dtype=torch.long, device=device),
                    torch.zeros(rows, dtype=torch.float32, device=device),
-                   torch.zeros(lanes, vocab, dtype=torch.float32, device=device) if vocab else None)
+                   torch.zeros(lanes, vocab, dtype=torch.float32, device=device) if vocab else None,
+                   torch.zeros(rows, ban_vocab, dtype=torch.bool, device=device) if ban_vocab else None)
 
 
 def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch.Tensor, rows: torch.Tensor,
@@ -81,7 +86,7 @@ def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch
 def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
               temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
               counter: torch.Tensor, mode: torch.Tensor | None = None, random: bool = True,
-              filtered: bool = True) -> torch.Tensor:
+              filtered: bool = True, ban: torch.Tensor | None = None, top: bool = False) -> torch.Tensor:
     """ln_f + head + sampling for the hidden states of lanes `src` (Bh,); the token goes to lanes `dst`.
 
     `mode` (Bh,) per row (None: all PLAIN): PLAIN samples the next token; DRAFT samples a draft from an early
@@ -89,10 +94,17 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
     with a draft already in flight in `dst`: speculative acceptance, the accepted or corrected token replaces
     the draft. Returns float32 (Bh, len(OUT_FIELDS)): the token, its NLL and the entropy under the untempered
     distribution, whether every logit was finite (a row whose logits are not fails alone), the prompt NLL sum
-    of cache row `rows` (read when its prefill completes), and whether a VERIFY row accepted its draft."""
+    of cache row `rows` (read when its prefill completes), and whether a VERIFY row accepted its draft.
+
+    `ban` (Bh,) bool: those rows may not sample their cache row's `state.banned` tokens (min_tokens). With `top`,
+    TOP_FIELDS more columns: the TOP_LOGPROBS largest log-probabilities and their ids. NLL, entropy and the top
+    are the model's own untempered distribution, before any ban (what OpenAI's logprobs report)."""
     logits = model.head(state.hidden[src][:, None])[:, 0].float()  # (Bh, V)
     finite = torch.isfinite(logits).all(dim=-1)
     logits = torch.where(finite[:, None], logits, 0.0)  # a broken row must not poison its batch mates' math
+    raw = logits
+    if ban is not None:
+        logits = logits.masked_fill(state.banned[rows] & ban[:, None], float("-inf"))
     tokens = sample(logits, temperature, top_k, top_p, seed, counter, random, filtered)
     accepted = torch.zeros_like(finite)
     if mode is not None:
@@ -103,21 +115,27 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
         tokens = torch.where(mode == PLAIN, tokens, torch.where(mode == DRAFT, drafts, checked))
         accepted = accepted & (mode == VERIFY)
         state.draft_logits.index_copy_(0, dst, torch.where((mode == DRAFT)[:, None], logits, state.draft_logits[dst]))
-    nll, entropy = token_stats(logits, tokens)
+    nll, entropy = token_stats(raw, tokens)
     state.tokens.index_copy_(0, dst, tokens)
     prompt_nll = state.prompt_nll[rows]
-    return torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll, accepted.float()], dim=-1)
+    out = torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll, accepted.float()], dim=-1)
+    if not top:
+        return out
+    values, ids = torch.log_softmax(raw, dim=-1).topk(TOP_LOGPROBS, dim=-1)  # (Bh, k) each
+    return torch.cat([out, values, ids.float()], dim=-1)  # ids < 2**24: exact in float32
 
 
 def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
             starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None,
-            adaptive: tuple[float, int] | None = None) -> torch.Tensor:
+            adaptive: tuple[float, int] | None = None, scores: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Append prompt chunks (several prompts in one padded forward, each at its own depth) to their cache
     rows; returns each chunk's last hidden state (P, C).
 
     Padding tokens write their K/V into the `scratch` row. With `targets` (the prompt token each position
     predicts, one list per chunk, possibly one shorter than the chunk), the teacher-forced NLL of those
     targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk). With
+    `scores` (a list) too, the per-position table (P, T, 1 + TOP_FIELDS) float32 is appended to it: each target's
+    log-probability, then the TOP_LOGPROBS largest log-probabilities and their ids (echo's prompt logprobs). With
     `adaptive` (tolerance, min_loops), every prompt token stops looping on its own (`adaptive_hidden`, the same
     policy the decode step follows), within the budget max(loops)."""
     dev = state.prompt_nll.device
@@ -142,6 +160,13 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
         # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
         tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=dev)  # (P, T); -1 is ignored
         logits = model.head(x).float()  # (P, T, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
+        if scores is None:
+            nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
+        else:  # one log-softmax serves the sum and the per-position table
+            logp = torch.log_softmax(logits, dim=-1)  # (P, T, V)
+            picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (P, T)
+            nll = torch.where(tgt >= 0, -picked, 0.0)
+            values, ids = logp.topk(TOP_LOGPROBS, dim=-1)  # (P, T, k) each
+            scores.append(torch.cat([picked[..., None], values, ids.float()], dim=-1))  # (P, T, 1 + 2k)
         state.prompt_nll.index_add_(0, row_t, nll.sum(dim=1))
     return last

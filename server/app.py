@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from loopgpt.model.memory import check_memory
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from .chat import ChatTemplate
+from .chat_routes import router as chat_router
 from .engine import Engine
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
@@ -63,6 +66,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
     on_fatal: Callable[[str], None] | None = None
+    chat: ChatTemplate | None = None  # the checkpoint's chat template, or the default
 
     @property
     def config(self) -> Any:
@@ -100,6 +104,7 @@ class ServerState:
         if opt.cuda_graphs or opt.compile:
             log.info("warming up: %d step variants captured/compiled", runner.warmup())
         cfg = loaded.model.config
+        self.chat = ChatTemplate(loaded.chat_template)
         self.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine = Engine(runner, loaded.tokenizer, opt.max_queue, self.metrics, opt.prompt_nll, opt.prefill_chunk)
         engine.start()
@@ -107,11 +112,20 @@ class ServerState:
         log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,
                  loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, opt.max_batch)
 
-    def check_model(self, model: str | None) -> None:
-        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise)."""
-        if model is not None and model != self.name:
+    def check_model(self, model: str | None) -> int | None:
+        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise), which may
+        name a depth: `demo:loops=6` (for clients that can set nothing but the model, lm-eval's loglikelihood
+        requests among them). Returns that depth, or None."""
+        if model is None or model == self.name:
+            return None
+        name, _, loops = model.partition(":loops=")
+        if name != self.name:
             raise APIError(404, f"the model {model[:100]!r} does not exist here; this server serves {self.name!r} "
                            "(GET /v1/models)", "model", code="model_not_found")
+        if not re.fullmatch(r"[0-9]{1,9}", loops):
+            raise APIError(400, f"model: a depth is written {self.name}:loops=N, got {model[:100]!r}", "model")
+        self.check_loops(int(loops), "model")
+        return int(loops)
 
     def authorize(self, http: HTTPRequest) -> None:
         key = self.options.api_key
@@ -122,28 +136,43 @@ class ServerState:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], special: bool = False) -> list[int]:
+        """Token ids of a prompt. With `special` (the OpenAI routes and /tokenize, as vLLM reads a prompt), the
+        tokenizer's special tokens written in the text (`<|endoftext|>`) are those tokens."""
         if isinstance(prompt, str):
-            return self.loaded.tokenizer.encode(prompt)
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "prompt")
+            tokenizer = self.loaded.tokenizer
+            return tokenizer.encoding.encode(prompt, allowed_special="all") if special else tokenizer.encode(prompt)
+        self.check_token_ids(prompt, "prompt")
         return list(prompt)
 
-    def check_loops(self, loops: int | str) -> None:
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", param)
+
+    def check_loops(self, loops: int | str, param: str = "loops") -> None:
         if loops == "auto":
             return
         if not 1 <= loops <= self.config.loop_cap:
-            raise APIError(400, f"loops must be in 1..{self.config.loop_cap}, got {loops}", "loops")
+            raise APIError(400, f"{param} must be in 1..{self.config.loop_cap}, got {loops}", param)
+
+    def check_choices(self, prompts: int, body: Any) -> None:
+        """Every prompt is one queue entry, and its candidates are admitted together: both must fit."""
+        rows, queue = self.options.max_batch, self.options.max_queue
+        if body.candidates() > rows:
+            param = "n" if body.candidates() == body.n else "best_of"
+            raise APIError(400, f"{param} ({body.candidates()}) exceeds the {rows} rows this server decodes together "
+                           "(--max-batch)", param)
+        if prompts > queue:
+            raise APIError(400, f"prompt: {prompts} prompts exceed the {queue} requests this server queues "
+                           "(--max-queue); send fewer per request", "prompt")
 
     def adaptive(self, body: Any, loops: int | str) -> tuple[int, Adaptive | None]:
         """(loops the engine runs at most, the adaptive policy or None) from `loops` and its companion fields."""
         cfg = self.config
-        for name in ("max_loops", "min_loops"):  # a bad value is refused even where it would not be used
-            value = getattr(body, name)
-            if value is not None and not 1 <= value <= cfg.loop_cap:
-                raise APIError(400, f"{name} must be in 1..{cfg.loop_cap}, got {value}", name)
+        if body.min_loops is not None:  # a bad value is refused even where it would not be used
+            self.check_loops(body.min_loops, "min_loops")
         if loops != "auto":  # the companions of "auto" mean nothing here, and are otherwise ignored
             return loops, None
         budget = cfg.max_loops if body.max_loops is None else body.max_loops
@@ -222,6 +251,7 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
     app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
     app.include_router(router)
+    app.include_router(chat_router)
     app.add_middleware(GuardMiddleware)
     if state.options.replica_name:
         app.add_middleware(ReplicaHeader, name=state.options.replica_name)

@@ -26,13 +26,15 @@ import time
 from typing import Any
 
 from loopgpt.model import TextStream, Tokenizer, fresh_seed
-from loopgpt.model.step import DRAFT, PLAIN, VERIFY
+from loopgpt.model.step import DRAFT, OUT_FIELDS, PLAIN, VERIFY
 
+from .logprobs import PromptScores, prompt_scores, top_pairs
 from .request import Adaptive, FinishEvent, Flight, Request, Row, Sampled, TokenEvent
-from .runner import ModelRunner, Pending, PrefillChunk, Sample, StepPlan
+from .runner import Fork, ModelRunner, Pending, PrefillChunk, Sample, StepPlan
 from .speculation import Speculation
 
-__all__ = ["Adaptive", "Engine", "FinishEvent", "NotAccepting", "QueueFull", "Request", "TokenEvent"]
+__all__ = ["Adaptive", "Engine", "FinishEvent", "NotAccepting", "PromptScores", "QueueFull", "Request",
+           "TokenEvent"]
 
 log = logging.getLogger("loopgpt.server")
 
@@ -83,12 +85,19 @@ class Engine:
         self.thread.start()
 
     def submit(self, req: Request) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue requests (each with its siblings) all or none: lower `priority` first, ties in arrival order."""
+        assert all(1 + len(r.siblings) <= self.runner.max_batch for r in reqs), "a group larger than the batch"
         with self.cond:
             if self.thread is None or self.stopping or self.drain_deadline is not None:
                 raise NotAccepting("the server is not accepting requests (starting or shutting down); retry shortly")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
-            self.waiting.append(req)
+            for req in reqs:
+                at = next((i for i, w in enumerate(self.waiting) if w.priority > req.priority), len(self.waiting))
+                self.waiting.insert(at, req)
             self.cond.notify()
 
     def abort(self, req: Request) -> None:
@@ -112,6 +121,10 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running, waiting)."""
         return len(self.rows), len(self.waiting)
+
+    def waiting_by_priority(self) -> dict[int, int]:
+        with self.cond:
+            return dict(collections.Counter(r.priority for r in self.waiting))
 
     # ---- the engine thread ----
 
@@ -180,18 +193,28 @@ class Engine:
     def _admit(self) -> None:
         while self.free_rows:
             with self.cond:
-                if not self.waiting:
+                # A group (n choices) waits until all its rows are free; it keeps its place (no starving it).
+                if not self.waiting or len(self.free_rows) < 1 + len(self.waiting[0].siblings):
                     return
                 req = self.waiting.popleft()
-            index = self.free_rows.pop()
-            seed = fresh_seed() if req.seed is None else req.seed
-            eos = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
-            spec = None
-            if req.speculative is not None and self.runner.lanes_per_row > 1:
-                spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
-            self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec)
+            row = self._admit_one(req)
             if self.metrics:
                 self.metrics.queued(req, time.perf_counter() - req.arrival)
+            row.children = [self._admit_one(sibling, row) for sibling in req.siblings]
+
+    def _admit_one(self, req: Request, fork_of: Row | None = None) -> Row:
+        index = self.free_rows.pop()
+        seed = fresh_seed() if req.seed is None else req.seed
+        eos = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
+        spec = None
+        if req.speculative is not None and self.runner.lanes_per_row > 1:
+            spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
+        row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
+        banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
+        if req.min_tokens and banned:
+            self.runner.ban(index, banned)
+            row.bans = True
+        return row
 
     def _schedule(self) -> tuple[StepPlan, list[Sampled]]:
         """This turn's work, decided on the host alone: every token in flight advances one loop (a head after its
@@ -213,21 +236,41 @@ class Engine:
         budget = self.prefill_chunk
         for row in self.rows.values():
             prompt = row.req.prompt_ids
-            if budget == 0 or row.prefilled == len(prompt):
+            if budget == 0 or row.prefilled == len(prompt) or row.fork_of is not None:
                 continue
             start = row.prefilled
             end = min(len(prompt), start + budget)
-            targets = (prompt[start + 1:end + 1]) if self.prompt_nll else None
+            scored = row.req.prompt_logprobs is not None
+            targets = (prompt[start + 1:end + 1]) if self.prompt_nll or scored else None
             adaptive = row.req.adaptive
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
-                                             None if adaptive is None else (adaptive.tolerance, adaptive.min_loops)))
+                                             None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
+                                             scored))
             row.prefilled, budget = end, budget - (end - start)
             if end == len(prompt):
-                self._head(row, plan, sampled, len(prompt) - 1, PLAIN)
-                row.sampled = 1
-                if row.needed(len(prompt)):
-                    row.flights.append(Flight(len(prompt)))
+                self._start_decoding(row, plan, sampled)
+                self._fork(row, plan, sampled)
         return plan, sampled
+
+    def _start_decoding(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
+        """The prompt is in the cache: its first token is sampled at this turn's head."""
+        n = len(row.req.prompt_ids)
+        self._head(row, plan, sampled, n - 1, PLAIN)
+        row.sampled = 1
+        if row.needed(n):
+            row.flights.append(Flight(n))
+
+    def _fork(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
+        """n > 1: the further choices get a copy of the prompt just prefilled and sample their first tokens now."""
+        kids = [c for c in row.children if not c.req.done]
+        if not kids:
+            return
+        n, lane = len(row.req.prompt_ids), self.runner.lane
+        plan.forks.append(Fork(row.index, lane(row.index, n - 1), [c.index for c in kids],
+                               [lane(c.index, n - 1) for c in kids], n))
+        for child in kids:
+            child.prefilled = n
+            self._start_decoding(child, plan, sampled)
 
     def _lockstep(self) -> int:
         """Loops this turn may run back to back: all of them when every decoding row is one plain token at loop 0
@@ -308,9 +351,10 @@ class Engine:
     def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int, loops: int = 0,
               entry: int = -1) -> None:
         """The head on the token at `pos` (its lane), its output token going to the lane of `pos + 1`."""
-        lane = self.runner.lane
+        lane, counter = self.runner.lane, pos + 1 - len(row.req.prompt_ids)
         plan.samples.append(Sample(lane(row.index, pos), lane(row.index, pos + 1), row.index, row.req.params,
-                                   row.seed, pos + 1 - len(row.req.prompt_ids), mode))
+                                   row.seed, counter, mode, ban=row.bans and counter < row.req.min_tokens,
+                                   top=row.req.logprobs is not None))
         sampled.append(Sampled(row, row.epoch, mode, pos, loops, entry))
 
     def _postprocess(self, sampled: list[Sampled], pending: Pending) -> None:
@@ -350,12 +394,14 @@ class Engine:
             row.flights.append(Flight(pos + 1))
 
     def _deliver(self, row: Row, out: list[float], now: float, loops: int = 0) -> None:
-        token, nll, entropy, finite, prompt_nll_sum, _ = out
+        token, nll, entropy, finite, prompt_nll_sum, _ = out[:len(OUT_FIELDS)]
+        req = row.req
+        if row.first_token_at is None and req.prompt_logprobs is not None and row.fork_of is None:
+            row.prompt_scores = prompt_scores(self.runner.take_scores(row.index), req.prompt_logprobs)
         if not finite:
             self._finish(row, "error", "the model produced non-finite logits for this request; try other "
                                        "sampling settings or fewer loops")
             return
-        req = row.req
         if row.first_token_at is None:
             row.first_token_at = now
             n = len(req.prompt_ids)
@@ -363,6 +409,11 @@ class Engine:
                 row.prompt_nll = prompt_nll_sum / (n - 1)
                 if self.metrics:
                     self.metrics.prompt_scored(req, row.prompt_nll)
+            if req.prompt_logprobs is not None:
+                self._emit(req, (row.fork_of or row).prompt_scores or PromptScores([], []))
+            if req.max_tokens == 0:  # echo alone: the prompt is scored, nothing is generated
+                self._finish(row, "length")
+                return
             itl = None
         else:
             itl = now - row.last_token_at
@@ -374,13 +425,14 @@ class Engine:
             if self.metrics:
                 self.metrics.looped(req, loops)
         token = int(token)
-        if token == row.eos:
+        if token == row.eos or token in req.stop_token_ids:
             self._finish(row, "stop")
             return
         row.n_tokens += 1
         row.nll_sum += nll
         piece = row.stream.push(token)
-        self._emit(req, TokenEvent(row.n_tokens - 1, token, piece, nll, entropy))
+        top = top_pairs(out[len(OUT_FIELDS):], req.logprobs) if req.logprobs is not None else None
+        self._emit(req, TokenEvent(row.n_tokens - 1, token, piece, nll, entropy, top))
         if row.stream.stopped:
             self._finish(row, "stop")
         elif row.n_tokens >= req.max_tokens:
@@ -391,6 +443,9 @@ class Engine:
         if req.done:
             return
         req.done = True
+        for child in row.children:  # choices not forked yet have no prompt of their own: they end with it
+            if child.prefilled < len(child.req.prompt_ids):
+                self._finish(child, reason, error)
         self.rows.pop(row.index, None)
         self.runner.free(row.index)
         self.free_rows.append(row.index)
@@ -400,9 +455,10 @@ class Engine:
                           row.loops_used / row.looped if row.looped else None)
 
     def _finish_unadmitted(self, req: Request) -> None:
-        if not req.done:
-            req.done = True
-            self._send_finish(req, "abort", "", 0, None, None, None, None, None)
+        for r in (req, *req.siblings):
+            if not r.done:
+                r.done = True
+                self._send_finish(r, "abort", "", 0, None, None, None, None, None)
 
     def _send_finish(self, req: Request, reason: str, tail: str, n_tokens: int, first_token_at: float | None,
                      prompt_nll: float | None, token_nll: float | None, error: str | None,
@@ -434,3 +490,4 @@ class Engine:
         if self.metrics:
             running, waiting = self.counts()
             self.metrics.gauges(running, waiting, self.usage())
+            self.metrics.waiting_priorities(self.waiting_by_priority())

@@ -19,7 +19,7 @@ PREFIX = "loopgpt"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 NLL_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
-ENDPOINTS = ("generate", "completions")
+ENDPOINTS = ("generate", "completions", "chat")
 INVALID = "invalid"
 
 
@@ -45,6 +45,11 @@ class ServerMetrics:
         self.gen_tokens = Counter("generation_tokens", "Tokens generated", per_loops, namespace=ns, registry=r)
         self.running = Gauge("requests_running", "Requests in the decode batch", namespace=ns, registry=r)
         self.waiting = Gauge("requests_waiting", "Requests waiting for a batch row", namespace=ns, registry=r)
+        # A separate family, so that `loopgpt_requests_waiting` (what KEDA and the gateway scale on) stays one
+        # unlabelled series; a priority's series exists while requests of it wait (at most --max-queue of them).
+        self.waiting_priority = Gauge("requests_waiting_by_priority", "Requests waiting for a batch row, by their "
+                                      "priority (lower is admitted first)", ["priority"], namespace=ns, registry=r)
+        self.priorities: set[int] = set()
         self.batch_size = Gauge("batch_size", "Rows in the last decode step", namespace=ns, registry=r)
         self.kv_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV-cache positions in use", namespace=ns,
                               registry=r)
@@ -135,6 +140,13 @@ class ServerMetrics:
         self.kv_usage.set(kv_usage)
         if running == 0:
             self.batch_size.set(0)
+
+    def waiting_priorities(self, counts: dict[int, int]) -> None:
+        for gone in self.priorities - counts.keys():
+            self.waiting_priority.remove(str(gone))
+        for priority, n in counts.items():
+            self.waiting_priority.labels(str(priority)).set(n)
+        self.priorities = set(counts)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,9 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("loopgpt.server")
 
 # requests_total's `endpoint` label for each route; other paths cannot raise (they are 404s).
-ENDPOINT_LABELS = {"/generate": "generate", "/v1/completions": "completions", "/v1/models": "models",
-                   "/health": "health", "/metrics": "metrics", "/": "index", "/docs": "docs",
-                   "/openapi.json": "openapi"}
+ENDPOINT_LABELS = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat",
+                   "/v1/models": "models", "/tokenize": "tokenize", "/detokenize": "detokenize",
+                   "/tokenizer_info": "tokenizer_info", "/health": "health", "/metrics": "metrics", "/": "index",
+                   "/docs": "docs", "/openapi.json": "openapi"}
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 

@@ -47,6 +47,8 @@ ERRORS = {
 
 
 STREAM_EVENTS = (GenerateTokenEvent, GenerateFinalEvent, CompletionChunk)  # documented only inside event streams
+GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+KEYED_PATHS = GENERATION_PATHS + ("/v1/models", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -57,11 +59,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+def json_body_doc(body: type) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads its JSON body itself (see the module docstring)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}}}
+
+
 def generation_doc(body: type) -> dict[str, Any]:
     """`openapi_extra` of a generation route: its JSON body and the `loops` query parameter."""
     return {
-        "requestBody": {"required": True,
-                        "content": {"application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}},
+        **json_body_doc(body),
         "parameters": [{"name": "loops", "in": "query", "required": False,
                         "description": "outer loops (depth), or `auto`; wins over the body's `loops`",
                         "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}}],
@@ -82,38 +89,59 @@ def build_openapi(app: FastAPI, state: Any) -> dict[str, Any]:
     """The document, cached once the model is loaded (its limits are part of it)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
+    from .chat import ChatBody, ChatChunk, DetokenizeBody, TokenizeBody  # chat imports the schemas documented here
+
     doc = get_openapi(title="loopgpt", version=app.version, description=DESCRIPTION, routes=app.routes)
-    _, defs = models_json_schema([(GenerateBody, "validation"), (CompletionBody, "validation")]
-                                 + [(m, "serialization") for m in STREAM_EVENTS], ref_template=REF)
+    bodies = (GenerateBody, CompletionBody, ChatBody, TokenizeBody, DetokenizeBody)
+    _, defs = models_json_schema([(b, "validation") for b in bodies]
+                                 + [(m, "serialization") for m in STREAM_EVENTS + (ChatChunk,)], ref_template=REF)
     doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
     if state.options.api_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for path in ("/generate", "/v1/completions", "/v1/models"):
+        for path in KEYED_PATHS:
             for operation in doc["paths"][path].values():
                 operation["security"] = [{"bearer": []}]
     if state.loaded is None:
         return doc
-    state_limits(doc, state.config)
+    state_limits(doc, state.config, state.options)
     app.openapi_schema = doc
     return doc
 
 
-def state_limits(doc: dict[str, Any], cfg: Any) -> None:
-    """The loaded checkpoint's limits, written into the body and query schemas."""
+def state_limits(doc: dict[str, Any], cfg: Any, options: Any) -> None:
+    """The loaded checkpoint's and the server's limits, written into the body and query schemas."""
     schemas = doc["components"]["schemas"]
-    for name in ("GenerateBody", "CompletionBody"):
+    token_id = {"minimum": 0, "maximum": cfg.vocab_size - 1}
+    for name in ("GenerateBody", "CompletionBody", "ChatBody"):
         props = schemas[name]["properties"]
-        _integer_branch(props["loops"]).update(minimum=1, maximum=cfg.loop_cap)
-        _integer_branch(props["max_loops"]).update(minimum=1, maximum=cfg.loop_cap)
-        _integer_branch(props["min_loops"]).update(maximum=cfg.loop_cap)
+        for field in ("loops", "max_loops", "min_loops"):
+            _integer_branch(props[field]).update(minimum=1, maximum=cfg.loop_cap)
         _integer_branch(props["max_tokens"]).update(maximum=cfg.block_size - 1)
+        _array_branch(props["stop_token_ids"])["items"].update(token_id)
+        for field in ("n", "best_of"):  # a prompt's candidates are admitted together: at most a batch
+            if field in props:
+                _integer_branch(props[field]).update(maximum=options.max_batch)
+    _integer_branch(schemas["ChatBody"]["properties"]["max_completion_tokens"]).update(maximum=cfg.block_size - 1)
     for branch in schemas["CompletionBody"]["properties"]["prompt"]["anyOf"]:
-        if branch.get("items", {}).get("type") == "integer":
-            branch["items"].update(minimum=0, maximum=cfg.vocab_size - 1)
-    for path in ("/generate", "/v1/completions"):
+        items = branch.get("items", {})
+        if items.get("type") == "integer":
+            items.update(token_id)
+        elif items.get("type") == "array":  # a list of token-id lists: one queue entry each
+            items["items"].update(token_id)
+            branch["maxItems"] = options.max_queue
+        elif items.get("type") == "string":
+            branch["maxItems"] = options.max_queue
+    schemas["DetokenizeBody"]["properties"]["tokens"]["items"].update(token_id)
+    for path in GENERATION_PATHS:
         for param in doc["paths"][path]["post"]["parameters"]:
             if param["name"] == "loops":
                 _integer_branch(param["schema"])["maximum"] = cfg.loop_cap
+
+
+def _array_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    branch = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == "array"), None)
+    assert branch is not None, f"no array schema in {prop}"
+    return branch
 
 
 def _integer_branch(prop: dict[str, Any]) -> dict[str, Any]:

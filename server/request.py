@@ -15,6 +15,7 @@ from typing import Any
 
 from loopgpt.model import SamplingParams, TextStream
 
+from .logprobs import PromptScores
 from .speculation import SpecRequest, Speculation
 
 
@@ -34,6 +35,7 @@ class TokenEvent:
     text: str
     nll: float
     entropy: float
+    top: list[tuple[int, float]] | None = None  # with Request.logprobs: the likeliest tokens (id, logprob)
 
 
 @dataclass
@@ -70,6 +72,14 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     speculative: SpecRequest | None = None  # self-speculative decoding, or None for plain
     adaptive: Adaptive | None = None  # loops "auto": `loops` is then the budget
+    logprobs: int | None = None  # top alternatives reported per generated token (0..5); None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo), from its prefill
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # end the request as EOS does (not in the text)
+    priority: int = 0  # lower is admitted first; ties in arrival order
+    max_loops: int | None = None  # the client's depth budget, as given (with loops "auto", `loops` is it)
+    siblings: list[Request] = field(default_factory=list)  # further choices of this prompt (n > 1): admitted
+    # together with it (all rows or none), their prompt copied from its prefill
     aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
     done: bool = False  # set by the engine once the FinishEvent is out
 
@@ -105,6 +115,10 @@ class Row:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (position, exit loop): K/V to copy deeper
     looped: int = 0  # decoded tokens and the loops they used, for loops_per_token
     loops_used: int = 0
+    bans: bool = False  # the runner holds tokens this row may not sample before min_tokens
+    fork_of: Row | None = None  # a further choice: its prompt comes from this row's prefill
+    children: list[Row] = field(default_factory=list)  # the further choices forked from this row
+    prompt_scores: PromptScores | None = None  # echo: the prompt's logprobs, once its prefill is back
 
     @property
     def decoding(self) -> bool:

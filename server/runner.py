@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from loopgpt.model import KVCache, SamplingParams, Tokenizer, load_checkpoint, resolve_device, resolve_dtype
 from loopgpt.model.adaptive import copy_exit_kv
-from loopgpt.model.step import OUT_FIELDS, PLAIN, StepState, decode_step, head_step, prefill
+from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill
 
 
 class BackendError(ValueError):
@@ -46,6 +46,7 @@ class Loaded:
     name: str
     device: str
     dtype: torch.dtype = torch.float32
+    chat_template: str | None = None  # the checkpoint's chat_template.jinja (server/chat.py), if it has one
 
 
 def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto", dtype: str = "auto",
@@ -59,15 +60,24 @@ def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model, tokenizer, evals = load_checkpoint(checkpoint, device=dev, dtype=dt)
-        return Loaded(model, tokenizer, evals, name, dev, dt)
+        return Loaded(model, tokenizer, evals, name, dev, dt, chat_template(checkpoint))
     if backend == "onnx":
         if onnx_loader is None:
             raise BackendError(ONNX_MISSING)
         if dtype not in ("auto", "float32"):
             raise BackendError(f"--backend onnx runs the exported float32 graphs; --dtype {dtype} is torch-only")
         runner, tokenizer, evals = onnx_loader(checkpoint)
-        return Loaded(runner, tokenizer, evals, name, "cpu")
+        return Loaded(runner, tokenizer, evals, name, "cpu", chat_template=chat_template(checkpoint))
     raise BackendError(f"--backend must be torch or onnx, got {backend!r}")
+
+
+def chat_template(directory: str | Path) -> str | None:
+    """The text of a checkpoint's `chat_template.jinja` (read here, compiled by the server), or None."""
+    path = Path(directory) / "chat_template.jinja"
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackendError(f"{path}: cannot read the chat template ({e})") from e
 
 
 def buckets(limit: int) -> list[int]:
@@ -95,6 +105,7 @@ class PrefillChunk:
     loops: int
     targets: list[int] | None = None  # what each position predicts, with prompt scoring on
     adaptive: tuple[float, int] | None = None  # loops "auto": (tolerance, min_loops); `loops` is the budget
+    scored: bool = False  # keep each target's log-probability and top alternatives (echo), see take_scores
 
 
 @dataclass
@@ -108,6 +119,20 @@ class Sample:
     seed: int
     counter: int  # index of the token being sampled in its request
     mode: int = PLAIN  # PLAIN, DRAFT or VERIFY (model/step.py)
+    ban: bool = False  # the row's banned tokens (see ModelRunner.ban) may not be sampled for this token
+    top: bool = False  # report the top log-probabilities (the turn's head then computes them for every row)
+
+
+@dataclass
+class Fork:
+    """After this turn's prefill: copy the prompt (K/V at positions < length, hidden state, prompt NLL) of cache
+    row `src` to `rows`, so n choices of one prompt share its prefill."""
+
+    src: int
+    src_lane: int
+    rows: list[int]
+    lanes: list[int]
+    length: int
 
 
 @dataclass
@@ -121,13 +146,14 @@ class StepPlan:
     repeat: int = 1  # >1: the entries (listed `repeat` times, loops 0..repeat-1) run as consecutive steps
     convergence: bool = False  # bring each entry's convergence value back (adaptive requests decide on it)
     kv_copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, pos, exit loop, budget)
+    forks: list[Fork] = field(default_factory=list)  # prompts copied to further rows after the prefill
 
 
 @dataclass
 class Pending:
     """Sampled tokens on their way back to the host."""
 
-    host: torch.Tensor  # (>= n, len(OUT_FIELDS)) float32, pinned on CUDA
+    host: torch.Tensor  # (>= n, len(OUT_FIELDS) + TOP_FIELDS) float32, pinned on CUDA; the top only when asked
     n: int
     event: Any = None  # torch.cuda.Event, or None when the copy was synchronous
     conv: torch.Tensor | None = None  # (>= entries,) float32: each decode entry's convergence value
@@ -143,7 +169,7 @@ class Pending:
 
 
 # Rows of the step's integer and float input buffers.
-LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE = range(11)
+LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE, BAN = range(12)
 TEMPERATURE, TOP_P = range(2)
 
 
@@ -168,21 +194,22 @@ class ModelRunner:
         self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
         vocab = self.config.vocab_size if lanes_per_row > 1 else 0
         self.state = StepState.allocate(self.scratch_lane + 1, max_batch + 1, self.config.n_embd, self.device, dtype,
-                                        vocab)
+                                        vocab, ban_vocab=self.config.vocab_size)
+        self.scores: dict[int, list[torch.Tensor]] = {}  # cache row -> its prompt's score tables, on the host
         entries = max_batch * lanes_per_row
         self.sizes = buckets(entries)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda
         # Two host slots, alternated per step: a slot is rewritten only after its previous copy completed.
-        self.h_long = [torch.zeros(11, entries, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.h_long = [torch.zeros(12, entries, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.h_float = [torch.zeros(2, entries, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         # numpy views of the same memory: filling them from Python lists costs a microsecond, a torch.tensor() ten
         self.np_long = [h.numpy() for h in self.h_long]
         self.np_float = [h.numpy() for h in self.h_float]
-        self.h_out = [torch.zeros(entries, len(OUT_FIELDS), pin_memory=pin) for _ in range(2)]
-        self.d_long = torch.zeros(11, entries, dtype=torch.long, device=self.device)
+        self.h_out = [torch.zeros(entries, len(OUT_FIELDS) + TOP_FIELDS, pin_memory=pin) for _ in range(2)]
+        self.d_long = torch.zeros(12, entries, dtype=torch.long, device=self.device)
         self.d_float = torch.zeros(2, entries, dtype=torch.float32, device=self.device)
-        self.d_out = torch.zeros(entries, len(OUT_FIELDS), device=self.device)
+        self.d_out = torch.zeros(entries, len(OUT_FIELDS) + TOP_FIELDS, device=self.device)
         self.d_conv = torch.zeros(entries, device=self.device)
         self.h_conv = [torch.zeros(entries, pin_memory=pin) for _ in range(2)]
         self.turn = 0
@@ -227,6 +254,8 @@ class ModelRunner:
         if plan.prefill:
             self._prefill(plan.prefill)
             t = self._clock("prefill", t)
+        for fork in plan.forks:
+            self._fork(fork)
         for (exit_loop, budget), group in groupby(sorted(plan.kv_copies, key=lambda c: c[2:]), key=lambda c: c[2:]):
             group = list(group)
             rows = torch.tensor([c[0] for c in group], device=self.device)
@@ -251,6 +280,7 @@ class ModelRunner:
             vocab = self.config.vocab_size  # a top_k beyond the vocabulary filters nothing (and may not fit int64)
             self._fill(h[TOP_K], [min(s.params.top_k, vocab) for s in samples], Bh, 0)
             self._fill(h[MODE], [s.mode for s in samples], Bh, PLAIN)
+            self._fill(h[BAN], [s.ban for s in samples], Bh, 0)
             self._fill(f[TEMPERATURE], [s.params.temperature for s in samples], Bh, 0.0)
             self._fill(f[TOP_P], [s.params.top_p for s in samples], Bh, 1.0)
         # Whole buffers, contiguous and pinned: truly asynchronous copies (a strided one would be staged by the host).
@@ -273,7 +303,9 @@ class ModelRunner:
         random = any(not s.params.greedy for s in samples)
         filtered = any(s.params.filtered for s in samples)
         spec = any(s.mode != PLAIN for s in samples)
-        self._replay(("head", Bh, random, filtered, spec), lambda: self._head(Bh, random, filtered, spec))
+        ban, top = any(s.ban for s in samples), any(s.top for s in samples)
+        self._replay(("head", Bh, random, filtered, spec, ban, top),
+                     lambda: self._head(Bh, random, filtered, spec, ban, top))
         self._clock("head", t)
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
@@ -310,12 +342,36 @@ class ModelRunner:
             group = list(group)
             targets = [c.targets or [] for c in group] if any(c.targets for c in group) else None
             rows = [c.row for c in group]
+            scores: list[torch.Tensor] | None = [] if any(c.scored and c.targets for c in group) else None
             last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in group],
                            [c.start for c in group], [c.loops for c in group], self.scratch, targets,
-                           group[0].adaptive if adaptive else None)
+                           group[0].adaptive if adaptive else None, scores)
+            for i, c in enumerate(group):
+                if scores and c.scored and c.targets:
+                    # on its way to the host with the turn's other outputs (pinned, asynchronous on CUDA)
+                    self.scores.setdefault(c.row, []).append(
+                        scores[0][i, :len(c.targets)].to("cpu", non_blocking=True))
             # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
             lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in group]
             self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
+
+    def _fork(self, fork: Fork) -> None:
+        rows = torch.tensor(fork.rows, device=self.device)
+        self.cache.copy_rows(fork.src, rows, fork.length)
+        self.state.hidden[torch.tensor(fork.lanes, device=self.device)] = self.state.hidden[fork.src_lane].clone()
+        self.state.prompt_nll[rows] = self.state.prompt_nll[fork.src].clone()
+
+    def take_scores(self, row: int) -> list[list[float]]:
+        """The scored prompt chunks of cache row `row` (call once the turn that completed its prompt is back):
+        per target position, [log-probability, TOP_LOGPROBS top values, their ids]."""
+        return [r for t in self.scores.pop(row, []) for r in t.tolist()]
+
+    def ban(self, row: int, tokens: list[int]) -> None:
+        """The tokens that cache row `row` may not sample while its head rows carry `ban` (min_tokens); set at
+        admission, before the row's first step, through pinned memory (no wait on the device)."""
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, pin_memory=self.cuda)
+        mask[tokens] = True
+        self.state.banned[row].copy_(mask, non_blocking=True)
 
     @staticmethod
     def _fill(dst, values: list, size: int, pad) -> None:
@@ -329,11 +385,14 @@ class ModelRunner:
         self.d_conv[:B] = decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
                                       d[LOOP, :B] if loop is None else loop, ctx)
 
-    def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool) -> None:
+    def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool, ban: bool = False,
+                 top: bool = False) -> None:
         d, f = self.d_long, self.d_float
-        self.d_out[:Bh] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
-                                    f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
-                                    d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered)
+        width = len(OUT_FIELDS) + (TOP_FIELDS if top else 0)
+        self.d_out[:Bh, :width] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
+                                            f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
+                                            d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered,
+                                            d[BAN, :Bh] > 0 if ban else None, top)
 
     # ---- CUDA graphs ----
 
@@ -378,7 +437,8 @@ class ModelRunner:
         keys = [("decode", B, c) for B in self.sizes for c in ctxs]
         modes = [(r, f) for r, f in ((False, False), (True, False), (True, True))]
         specs = (False, True) if self.lanes_per_row > 1 else (False,)
-        keys += [("head", B, r, f, s) for B in self.sizes for r, f in modes for s in specs]
+        flags = [(b, t) for b in (False, True) for t in (False, True)]  # ban (min_tokens), top (logprobs)
+        keys += [("head", B, r, f, s, b, t) for B in self.sizes for r, f in modes for s in specs for b, t in flags]
         for key in keys:
             if key[0] == "decode":
                 self._replay(key, lambda k=key: self._decode(k[1], k[2]))
@@ -391,8 +451,10 @@ class ModelRunner:
     def _point_at_scratch(self) -> None:
         self.d_long[[LANE, H_SRC, H_DST]] = self.scratch_lane
         self.d_long[[ROW, H_ROW]] = self.scratch
-        self.d_long[[POS, LOOP, MODE]] = 0
+        self.d_long[[POS, LOOP, MODE, BAN]] = 0
 
     def free(self, row: int) -> None:
-        """Nothing to clear: a reused row's stale K/V sit at positions its next request writes before reading."""
+        """Nothing to clear: a reused row's stale K/V sit at positions its next request writes before reading (its
+        banned tokens are set again by a next request that bans any, and read only by one)."""
         assert 0 <= row < self.max_batch
+        self.scores.pop(row, None)

@@ -2,8 +2,9 @@
 
 One type rule for every field, OpenAI's: strict. A number is never read from a string (`"0.5"`) nor an
 integer from a float (`1.0`); a JSON integer is a valid float (`temperature: 1`). Unknown fields are ignored,
-as OpenAI and vLLM do; OpenAI fields this server does not implement yet (`n` > 1, `best_of` > 1, `echo`,
-`logprobs`, `suffix`) are refused by name. Every rejected field is named in the error's `param`.
+as OpenAI and vLLM do; OpenAI fields this server does not implement (`suffix`, `logit_bias`, non-zero
+penalties) are refused by name. Every rejected field is named in the error's `param`. Chat bodies:
+`server/chat.py`.
 The OpenAPI document (`/openapi.json`) is generated from these models.
 
     python -c "from loopgpt.server.schemas import GenerateBody; print(GenerateBody(prompt='hi'))"
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from starlette.requests import Request
 
 SEED_MAX = 2**63 - 1
+PRIORITY_LIMIT = 2**31  # |priority| below this: a label of the per-priority gauge stays short
 
 
 class APIError(Exception):
@@ -72,8 +74,6 @@ class SamplingBody(BaseModel):
         default=None, description="outer loops (depth) for this request, or `auto`: each token stops looping once "
         "its state has converged (within `max_loops`); a `loops` query parameter wins (default: the checkpoint's "
         "trained maximum)")
-    max_loops: int | None = Field(default=None, description="with loops `auto`: the most loops a token may run "
-                                  "(default: the checkpoint's trained maximum)")
     tolerance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="with loops `auto`: a "
                                     "token stops once its state changed by less than this over a loop (1 - cosine "
                                     "of consecutive states; default: the server's --adaptive-tolerance)")
@@ -83,7 +83,44 @@ class SamplingBody(BaseModel):
         default=None, description="self-speculative decoding: drafts from this request's own first `draft_loops` "
         "loops, verified at its last loop (greedy output unchanged, sampled output keeps its distribution); `auto` "
         "picks and adapts the draft depth; default: the server's --speculative")
+    min_tokens: int = Field(default=0, ge=0, description="tokens generated before EOS or a stop_token_ids token may "
+                            "be sampled (at most max_tokens)")
+    ignore_eos: bool = Field(default=False, description="keep generating after the end-of-text token (it becomes "
+                             "part of the text)")
+    stop_token_ids: list[int] | None = Field(default=None, description="token ids that end the completion as EOS "
+                                             "does (not part of the text)")
+    priority: int = Field(default=0, ge=-PRIORITY_LIMIT, lt=PRIORITY_LIMIT, description="admission order: lower "
+                          "first, ties in arrival order")
+    max_loops: int | None = Field(default=None, ge=1, description="compute budget: the deepest loops this request "
+                                  "may run (with loops `auto`, the most each token may run, default the trained "
+                                  "maximum; with loops absent, the default depth is cut to it; loops above it is "
+                                  "a 400)")
     default_max_tokens: ClassVar[int] = 64
+
+    def resolve_loops(self, query: int | str | None, default: int, named: int | None = None) -> int | str:
+        """The depth this request runs at: the query's, the body's, the model name's (`demo:loops=6`), else the
+        default cut to max_loops; or "auto" (the budget is then max_loops: see ServerState.adaptive)."""
+        loops = next((n for n in (query, self.loops, named) if n is not None), None)
+        if loops is None:
+            return min(default, self.max_loops or default)
+        if loops == "auto":
+            return loops
+        if self.max_loops is not None and loops > self.max_loops:
+            raise APIError(400, f"loops ({loops}) exceeds this request's max_loops ({self.max_loops})", "max_loops")
+        return loops
+
+    def candidates(self) -> int:
+        """Sequences generated per prompt."""
+        return 1
+
+    def engine_fields(self) -> dict[str, Any]:
+        """What the engine's Request takes from this body besides prompt, depth, length and sampling."""
+        return {"min_tokens": self.min_tokens, "stop_token_ids": list(self.stop_token_ids or []),
+                "priority": self.priority, "max_loops": self.max_loops, "eos_token": -1 if self.ignore_eos else None}
+
+    def check_tokens(self, max_tokens: int) -> None:
+        if self.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
 
     def tokens_to_generate(self, n_prompt: int, context: int) -> int:
         """max_tokens as given, else the endpoint's default cut to the context left after the prompt."""
@@ -110,37 +147,72 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionBody(SamplingBody):
-    """OpenAI's /v1/completions; `prompt` may be a string, a one-string list, or token ids."""
+class OpenAIBody(SamplingBody):
+    """Fields /v1/completions and /v1/chat/completions share: choices, penalties (refused), the model's id."""
 
-    prompt: (Annotated[str, documented(minLength=1)]
-             | Annotated[list[Annotated[str, documented(minLength=1)]], documented(minItems=1, maxItems=1)]
-             | Annotated[list[int], documented(minItems=1)]) = Field(
-        description="a string, a list of one string, or a list of token ids")
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it")
-    default_max_tokens: ClassVar[int] = 16  # OpenAI's default
-    n: int = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported yet")
-    best_of: int | None = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 1},
-                                description="only 1 is supported yet")
-    echo: bool = Field(default=False, json_schema_extra={"enum": [False]}, description="not supported yet: false")
-    logprobs: Annotated[int | None, Unsupported] = None
-    suffix: Annotated[str | None, Unsupported] = None
+    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it; "
+                              "`<id>:loops=N` also names a depth (below the query's and the body's loops)")
+    n: int = Field(default=1, ge=1, description="choices per prompt, sampled with seeds seed, seed + 1, ... (the "
+                   "prompt is prefilled once; at most the server's --max-batch)")
     stream_options: StreamOptions | None = None
-
-    def prompt_text_or_ids(self) -> str | list[int]:
-        p = self.prompt
-        if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-            if len(p) != 1:
-                raise APIError(400, f"prompt: one prompt per request is supported, got {len(p)}", "prompt")
-            return p[0]
-        return p
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False, json_schema_extra={"enum": [0]},
+                                    description="not supported: 0")
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False, json_schema_extra={"enum": [0]},
+                                     description="not supported: 0")
+    logit_bias: Annotated[dict | None, Unsupported] = None
+    user: str | None = Field(default=None, description="accepted and ignored")
+    refused: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty", "logit_bias")
 
     def check_supported(self) -> None:
-        for name, refused in (("n", self.n != 1), ("best_of", self.best_of not in (None, 1)), ("echo", self.echo),
-                              ("logprobs", self.logprobs is not None), ("suffix", self.suffix is not None)):
-            if refused:
-                raise APIError(400, f"{name} is not supported yet (got {getattr(self, name)!r}); leave it out",
-                               name, code="unsupported_parameter")
+        for name in self.refused:  # a penalty of 0 and a null are what these fields may be
+            if getattr(self, name) not in (None, 0):
+                raise APIError(400, f"{name} is not supported (got {getattr(self, name)!r}); leave it out", name,
+                               code="unsupported_parameter")
+
+    def candidates(self) -> int:
+        return self.n
+
+
+class CompletionBody(OpenAIBody):
+    """OpenAI's /v1/completions: `prompt` is a string, token ids, or a list of either (one choice set each)."""
+
+    prompt: (Annotated[str, documented(minLength=1)]
+             | Annotated[list[Annotated[str, documented(minLength=1)]], documented(minItems=1)]
+             | Annotated[list[int], documented(minItems=1)]
+             | Annotated[list[Annotated[list[int], documented(minItems=1)]], documented(minItems=1)]) = Field(
+        description="a string, a list of token ids, or a list of strings or of token-id lists (choices "
+        "`prompt_index * n + i`)")
+    max_tokens: int | None = Field(default=None, ge=0, description="tokens to generate; 0 with echo scores the "
+                                   "prompt alone; prompt + max_tokens must fit the context (default 16)")
+    default_max_tokens: ClassVar[int] = 16  # OpenAI's default
+    best_of: int | None = Field(default=None, ge=1, description="sequences generated per prompt, of which the n with "
+                                "the highest cumulative logprob are returned (>= n; not with stream)")
+    echo: bool = Field(default=False, description="the prompt comes back before the completion (with its logprobs, "
+                       "the first null)")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="log-probabilities of each token and of the "
+                                 "k likeliest alternatives (the sampled one always among them), at this depth")
+    suffix: Annotated[str | None, Unsupported] = None
+    refused: ClassVar[tuple[str, ...]] = OpenAIBody.refused + ("suffix",)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def candidates(self) -> int:
+        return max(self.n, self.best_of or 1)
+
+    def engine_fields(self) -> dict[str, Any]:
+        echo_scores = self.logprobs if self.echo else None
+        return {**super().engine_fields(), "logprobs": self.logprobs, "prompt_logprobs": echo_scores}
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of ({self.best_of}) must be >= n ({self.n})", "best_of")
+        if self.stream and self.candidates() > self.n:
+            raise APIError(400, "best_of > n cannot stream: the best are known only at the end", "best_of")
 
 
 # ---- responses (documented in /openapi.json, and built through these models) ----
@@ -174,6 +246,13 @@ class Quality(BaseModel):
 
 
 FinishReason = Literal["stop", "length", "abort"]
+# The depth fields every response and final event carries (one definition for every route and shape).
+RanLoops = int | Literal["auto"]  # the request's loops, as it gave them
+LoopsPerToken = Annotated[float | None, Field(default=None, description="mean loops of the decoded tokens (the "
+                                               "first comes from the prefill)")]
+ChunkLoops = Annotated[RanLoops | None, Field(default=None, description="on the chunk that carries finish_reason")]
+ChunkLoopsPerToken = Annotated[float | None, Field(default=None, description="on the chunk that carries "
+                                                    "finish_reason")]
 
 
 class GenerateResponse(BaseModel):
@@ -181,17 +260,23 @@ class GenerateResponse(BaseModel):
     model: str
     finish_reason: FinishReason
     usage: Usage
-    loops: int | Literal["auto"]
-    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
-                                           "first comes from the prefill)")
+    loops: RanLoops
+    loops_per_token: LoopsPerToken
     timing: Timing
     quality: Quality
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the first token of an echoed prompt")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -202,9 +287,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
-    loops: int | Literal["auto"]
-    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
-                                           "first comes from the prefill)")
+    loops: RanLoops
+    loops_per_token: LoopsPerToken
     timing: Timing
     quality: Quality
 
@@ -223,9 +307,8 @@ class GenerateFinalEvent(BaseModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
-    loops: int | Literal["auto"]
-    loops_per_token: float | None = Field(default=None, description="mean loops of the decoded tokens (the "
-                                           "first comes from the prefill)")
+    loops: RanLoops
+    loops_per_token: LoopsPerToken
     timing: Timing
     quality: Quality
 
@@ -239,8 +322,8 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice] = Field(description="empty in the usage chunk")
     usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
-    loops: int | Literal["auto"] | None = Field(default=None, description="on the chunk that carries finish_reason")
-    loops_per_token: float | None = Field(default=None, description="on the chunk that carries finish_reason")
+    loops: ChunkLoops
+    loops_per_token: ChunkLoopsPerToken
     timing: Timing | None = None
     quality: Quality | None = None
 
@@ -310,7 +393,8 @@ def union_member(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or "[" in part)
 
 
-def parse_body(model: type[SamplingBody], data: dict) -> SamplingBody:
+def parse_body(model: type[BaseModel], data: dict) -> Any:
+    """A validated body (any of ours: each has `check_supported`), or a 400 naming the field."""
     try:
         body = model.model_validate(data)
     except ValidationError as e:

@@ -1,11 +1,14 @@
 """Schemathesis hooks for tests/test_server_fuzz.py (loaded through SCHEMATHESIS_HOOKS): one check.
 
 `positive_data_acceptance_here` is schemathesis's own `positive_data_acceptance` (a schema-valid request
-must not be rejected) with exactly four rejections that a JSON Schema cannot state, all documented 400s:
+must not be rejected) with exactly these rejections that a JSON Schema cannot state, all documented 400s:
 
 - `context_length_exceeded`: prompt + max_tokens must fit the context, counted in tokens, not characters;
-- `speculative.draft_loops` must be below the request's own `loops`, `min_loops` at most `max_loops`, and an
-  explicit `speculative` does not go with `loops: "auto"` (one field bounded by another);
+- one field bounded by another: `speculative.draft_loops` below the request's own `loops`; `best_of` at least
+  `n`; `min_tokens` at most `max_tokens`; `loops` at most `max_loops`; `top_logprobs` only with `logprobs`;
+  `min_loops` at most `max_loops`; an explicit `speculative` not with `loops: "auto"`;
+- `best_of` > `n` with `stream` (the best are known only at the end);
+- /tokenize takes `prompt` or `messages`, one of them (both may be null in its schema);
 - an integer field written as a float (`"loops": 4.0`): JSON Schema's `integer` admits 4.0, while our one
   type rule is OpenAI's strict one (no number is read from a string, no integer from a float).
 
@@ -23,6 +26,10 @@ from typing import Any
 import schemathesis
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+CROSS_FIELD = ("speculative.draft_loops must be in", "best_of (", "min_tokens (", "top_logprobs needs logprobs",
+               "best_of > n cannot stream", "give either prompt or messages", "loops (",  # loops (8) exceeds max_loops
+               "speculative decoding and loops")
 
 
 def integral_float(value: Any) -> bool:
@@ -44,9 +51,8 @@ def explained(response: Any, case: Any) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     message = str(error.get("message", ""))
-    below_loops = (message.startswith(("speculative.draft_loops must be in", "speculative decoding and loops"))
-                   or (message.startswith("min_loops must be in") and "(max_loops)" in message))
-    if error.get("code") == "context_length_exceeded" or below_loops:
+    min_above_max = message.startswith("min_loops must be in") and "(max_loops)" in message
+    if error.get("code") == "context_length_exceeded" or message.startswith(CROSS_FIELD) or min_above_max:
         return True
     param = error.get("param")
     body = case.body if isinstance(case.body, dict) else {}

@@ -33,7 +33,8 @@ def mixed_specs(tokenizer, max_loops: int) -> list[tuple[list[int], int, int]]:
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_decode_step_never_waits_for_the_device(cuda_graphs):
-    """Inside a step (inputs up, one loop for a mixed batch, head + sampling, outputs down) nothing syncs."""
+    """Inside a step (inputs up, one loop for a mixed batch, head + sampling, outputs down) nothing syncs, with
+    logprobs (the head's top columns) and min_tokens (a banned token) asked by some rows."""
     model, tokenizer = demo(torch.bfloat16)
     runner = ModelRunner(model, 8, device="cuda", dtype=torch.bfloat16, cuda_graphs=cuda_graphs)
     with runner.context():
@@ -42,6 +43,7 @@ def test_decode_step_never_waits_for_the_device(cuda_graphs):
         plan = StepPlan(prefill=[PrefillChunk(r, p, 0, 6) for r, p in enumerate(prompts)],
                         samples=[Sample(r, r, r, SAMPLED, r, 0) for r in range(3)])  # one lane per row
         runner.run(plan).result()
+        runner.ban(1, [tokenizer.eot_token])
         pos = [len(p) for p in prompts]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -51,7 +53,7 @@ def test_decode_step_never_waits_for_the_device(cuda_graphs):
             for step in range(12):
                 loops = [step % n for n in depth]
                 last = [r for r in range(3) if loops[r] == depth[r] - 1]
-                samples = [Sample(r, r, r, SAMPLED if r else GREEDY, r, step) for r in last]
+                samples = [Sample(r, r, r, SAMPLED if r else GREEDY, r, step, ban=r == 1, top=r != 1) for r in last]
                 plan = StepPlan(lanes=[0, 1, 2], rows=[0, 1, 2], pos=pos, loop=loops, samples=samples)
                 pending.append(runner.run(plan))
                 pos = [p + (r in last) for r, p in enumerate(pos)]

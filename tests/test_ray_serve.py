@@ -155,6 +155,8 @@ def test_prometheus_finds_every_replica_through_file_sd(cluster, tmp_path):
 
     def both() -> list:
         try:
+            if httpx.get(f"{prom}/-/ready", timeout=5).status_code != 200:  # 503 while it opens its storage
+                return []
             return [s for s in query(prom, "count by (replica) (loopgpt_requests_waiting)")]
         except httpx.TransportError:
             return []

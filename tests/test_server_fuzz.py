@@ -1,8 +1,9 @@
 """Property-based fuzzing of the served contract: schemathesis reads `/openapi.json` from a live `loopgpt serve`
-(the demo checkpoint, one model thread, a 32-token context and loops up to 8 so that every generation is short)
+(the demo checkpoint, one model thread, a 32-token context and loops up to 8 so that every generation is short;
+a queue of 8, so that a body's list of prompts, one queue entry each, stays short too)
 and, for about a minute, sends schema-valid and schema-violating requests to every operation with every check
 on. Zero 5xx, and every response conforms to the document: status, content type, headers, body schema (SSE
-events included), invalid data rejected, valid data accepted (see tests/fuzz_checks.py for the two documented
+events included), invalid data rejected, valid data accepted (see tests/fuzz_checks.py for the documented
 400s a JSON Schema cannot express). The request count and status histogram are printed.
 
     python -m pytest tests/test_server_fuzz.py -q -s            # LOOPGPT_FUZZ_SEED=N for another seed
@@ -33,7 +34,7 @@ def serve(tmp_path):
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "loopgpt.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--threads", "1", "--max-context", "32", "--loop-cap", "8", "--max-batch", "4",
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+                             "--max-queue", "8", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

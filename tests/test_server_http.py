@@ -158,9 +158,28 @@ BAD = [  # (path, body or raw bytes, headers, status, param)
     ("/generate", b"{}", {}, 415, None),
     ("/generate", b'{"prompt": "' + b"x" * 5000 + b'"}', {"content-type": "application/json"}, 413, None),
     ("/v1/completions", {"prompt": "hi", "loops": 99}, None, 400, "loops"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, None, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, None, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 17}, None, 400, "prompt"),  # more prompts than --max-queue
     ("/v1/completions", {"prompt": [1, 2, 99999]}, None, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, None, 400, "n"),
+    ("/v1/completions", {"prompt": [[1, 2], [99999]]}, None, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, None, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "n": 5}, None, 400, "n"),  # more than --max-batch rows
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 1}, None, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, None, 400, "best_of"),  # best_of > n cannot stream
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, None, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, None, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [99999]}, None, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "max_loops": 17}, None, 400, "max_loops"),
+    ("/v1/completions", {"prompt": "hi", "loops": 4, "max_loops": 2}, None, 400, "max_loops"),
+    ("/v1/completions?loops=4", {"prompt": "hi", "max_loops": 2}, None, 400, "max_loops"),
+    ("/v1/completions", {"prompt": "hi", "priority": 2**31}, None, 400, "priority"),
+    ("/v1/chat/completions", {"messages": []}, None, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, None, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, None, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, None, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, None,
+     400, "max_completion_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, None, 400, "temperature"),
 ]
 

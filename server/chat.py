@@ -1,0 +1,252 @@
+"""Chat: the template that turns OpenAI messages into a prompt, the `/v1/chat/completions` bodies, and the bodies
+of the tokenizer routes (which render messages too).
+
+A checkpoint may carry its template as `chat_template.jinja` beside its weights (Hugging Face's file name and
+its Jinja dialect: `messages`, `add_generation_prompt`, `raise_exception`, rendered in a sandbox). A base model
+without one gets DEFAULT_TEMPLATE, a plain transcript:
+
+    You are a storyteller.          <- a system (or developer) message, then a blank line
+
+    User: Tell me a story.
+    Assistant: Once upon a time ...
+    User: Another one.
+    Assistant:                      <- the model continues from here
+
+and generation also stops at "\\nUser:" (DEFAULT_STOP), so a base model does not write the user's next turn.
+
+    python -c "from loopgpt.server.chat import *; print(ChatTemplate().render([{'role': 'user', 'content': 'Hi'}]))"
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field
+
+from .schemas import (
+    APIError,
+    ChunkLoops,
+    ChunkLoopsPerToken,
+    FinishReason,
+    LoopsPerToken,
+    OpenAIBody,
+    Quality,
+    RanLoops,
+    Timing,
+    Unsupported,
+    Usage,
+    documented,
+)
+
+TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_STOP = "\nUser:"
+DEFAULT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role in ('system', 'developer') %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
+    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+class ChatTemplate:
+    """A compiled chat template: the checkpoint's (`source`), or the documented default."""
+
+    def __init__(self, source: str | None = None, origin: str = TEMPLATE_FILE):
+        self.default = source is None
+        self.source = DEFAULT_TEMPLATE if source is None else source
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        try:
+            self.template = env.from_string(self.source)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{origin}: not a valid Jinja chat template ({e})") from e
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text; a template that fails on these messages is the client's 400 (`messages`)."""
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"messages: the chat template refused them ({e})", "messages") from e
+
+    @property
+    def stops(self) -> list[str]:
+        """Stop strings the template implies (the default's next user turn)."""
+        return [DEFAULT_STOP] if self.default else []
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="tool messages are not supported")
+    content: str | list[TextPart] | None = Field(default=None, description="text, or text parts")
+    name: str | None = None
+
+    def plain(self) -> dict[str, str]:
+        """The message as a template reads it: its text in one string."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": text}
+
+
+class PlainBody(BaseModel):
+    """A body of the tokenizer routes: strict, unknown fields ignored, nothing refused beyond its schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    def check_supported(self) -> None:
+        """Nothing to refuse (see parse_body)."""
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeBody(PlainBody):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What lm-eval's remote tokenizer reads (vLLM's /tokenizer_info)."""
+
+    tokenizer_class: str
+    eos_token: str
+    bos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str
+    model_max_length: int
+
+
+class TokenizeBody(PlainBody):
+    """vLLM's /tokenize: a prompt (encoded as /v1/completions encodes it) or chat messages (templated)."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, description="chat messages, rendered with the chat "
+                                               "template (give prompt or messages)")
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(default=True, description="accepted; this tokenizer adds none")
+    model: str | None = None
+
+
+class ChatBody(OpenAIBody):
+    """OpenAI's /v1/chat/completions, with loopgpt's `loops`, `speculative` and the other extra fields."""
+
+    messages: Annotated[list[ChatMessage], documented(minItems=1)] = Field(description="the conversation so far")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="tokens to generate (wins over "
+                                              "max_tokens); default: up to the context")
+    logprobs: bool = Field(default=False, description="log-probabilities of each generated token, at this depth")
+    top_logprobs: int | None = Field(default=None, ge=0, le=5, description="with logprobs: the k likeliest "
+                                     "alternatives of each token")
+    tools: Annotated[list | None, Unsupported] = None
+    tool_choice: Annotated[Any, Unsupported] = None
+    functions: Annotated[list | None, Unsupported] = None
+    function_call: Annotated[Any, Unsupported] = None
+    response_format: Annotated[dict | None, Unsupported] = None
+    audio: Annotated[dict | None, Unsupported] = None
+    prediction: Annotated[dict | None, Unsupported] = None
+    web_search_options: Annotated[dict | None, Unsupported] = None
+    default_max_tokens: ClassVar[int] = 1 << 30  # OpenAI's: as many as the context holds
+    refused: ClassVar[tuple[str, ...]] = OpenAIBody.refused + ("tools", "tool_choice", "functions", "function_call",
+                                                               "response_format", "audio", "prediction",
+                                                               "web_search_options")
+
+    def tokens_to_generate(self, n_prompt: int, context: int) -> int:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super().tokens_to_generate(n_prompt, context)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if not self.messages:
+            raise APIError(400, "messages is empty: give at least one message", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def engine_fields(self) -> dict[str, Any]:
+        return {**super().engine_fields(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+
+# ---- responses ----
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    loops: RanLoops
+    loops_per_token: LoopsPerToken
+    timing: Timing
+    quality: Quality
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatChunk(BaseModel):
+    """One Server-Sent Event of a streamed /v1/chat/completions (OpenAI's `chat.completion.chunk`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(description="empty in the usage chunk")
+    usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
+    loops: ChunkLoops
+    loops_per_token: ChunkLoopsPerToken
+    timing: Timing | None = None
+    quality: Quality | None = None
