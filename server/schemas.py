@@ -255,17 +255,6 @@ ChunkLoopsPerToken = Annotated[float | None, Field(default=None, description="on
                                                     "finish_reason")]
 
 
-class GenerateResponse(BaseModel):
-    text: str
-    model: str
-    finish_reason: FinishReason
-    usage: Usage
-    loops: RanLoops
-    loops_per_token: LoopsPerToken
-    timing: Timing
-    quality: Quality
-
-
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None] = Field(description="null for the first token of an echoed prompt")
@@ -311,6 +300,12 @@ class GenerateFinalEvent(BaseModel):
     loops_per_token: LoopsPerToken
     timing: Timing
     quality: Quality
+
+
+class GenerateResponse(GenerateFinalEvent):
+    """A /generate without stream: the final event's fields (`text` the whole completion) and the model."""
+
+    model: str
 
 
 class CompletionChunk(BaseModel):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float = 60, proc: subprocess.Popen | None = None, interval_s: float = 0.1,
+                 exited: Callable[[], str] = lambda: "the server exited", each: Callable[[], None] | None = None,
+                 ) -> None:
+    """Poll GET /health until it answers 200; fails if `proc` exits first (with `exited()` as the message) or the
+    deadline passes. `each` runs at every poll (e.g. to record child processes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc is None or proc.poll() is None, exited()
+        if each is not None:
+            each()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} was not healthy within {timeout_s} s"
+        time.sleep(interval_s)
+
+
 @contextlib.contextmanager
 def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
     """(base URL, app) of a uvicorn server in a thread, ready (/health 200) before it is yielded."""
@@ -38,15 +58,7 @@ def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become healthy within 60 s"
-        time.sleep(0.05)
+    wait_healthy(url, interval_s=0.05)
     try:
         yield url, app
     finally:

@@ -13,13 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import ROOT, SHARED
-from server_harness import free_port
+from server_harness import free_port, wait_healthy
 
 HELDOUT = SHARED / "data" / "tinystories" / "heldout.txt"
 TASKS = ROOT / "eval" / "tasks"
@@ -36,16 +35,7 @@ def serve(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "loopgpt.cli", "serve", "--port", str(port), "--threads", "1",
                              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, "loopgpt serve exited"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "loopgpt serve did not become healthy within 60 s"
-        time.sleep(0.2)
+    wait_healthy(url, proc=proc, interval_s=0.2)
     yield url
     proc.terminate()
     assert proc.wait(30) == 0

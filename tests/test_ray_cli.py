@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from server_harness import free_port
+from server_harness import free_port, wait_healthy
 
 if os.environ.get("CI") == "true":
     import ray  # noqa: F401  (the dev extra installs it: in CI a missing Ray is a failure, not a skip)
@@ -69,17 +69,8 @@ def test_serve_ray_answers_through_the_proxy_and_stops_cleanly_on_sigterm(tmp_pa
                             start_new_session=True)  # a signal for it alone, as a process manager sends
     url, ray_processes = f"http://127.0.0.1:{port}", set()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
-            ray_processes |= children(proc.pid)
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "loopgpt serve --ray was not healthy within 120 s"
-            time.sleep(0.5)
+        wait_healthy(url, 120, proc, 0.5, exited=lambda: (tmp_path / "log").read_text()[-2000:],
+                     each=lambda: ray_processes.update(children(proc.pid)))
         body = {"prompt": "Once upon a time", "max_tokens": 4}
         denied = httpx.post(f"{url}/generate?loops=2", json=body, timeout=60)  # our errors, through Ray's proxy
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"

@@ -16,12 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from server_harness import free_port, metric_value
+from server_harness import free_port, metric_value, wait_healthy
 
 FUZZ_SECONDS = 45
 HOOKS = Path(__file__).resolve().parent / "fuzz_checks.py"
@@ -36,16 +34,7 @@ def serve(tmp_path):
                              "--threads", "1", "--max-context", "32", "--loop-cap", "8", "--max-batch", "4",
                              "--max-queue", "8", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, "loopgpt serve exited"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "loopgpt serve did not become healthy within 60 s"
-        time.sleep(0.2)
+    wait_healthy(url, proc=proc, interval_s=0.2)
     yield url, log
     proc.terminate()
     assert proc.wait(30) == 0

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import free_port, make_long_checkpoint, sse_events
+from server_harness import free_port, make_long_checkpoint, sse_events, wait_healthy
 
 GRACE_S = 1.5
 
@@ -27,16 +27,7 @@ def serve_process(tmp_path_factory, bpe):
            "--device", "cpu", "--max-batch", "2", "--shutdown-grace", str(GRACE_S), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "loopgpt serve did not become healthy within 90 s"
-        time.sleep(0.1)
+    wait_healthy(url, 90, proc, exited=proc.stdout.read)
     yield proc, url
     if proc.poll() is None:
         proc.kill()
