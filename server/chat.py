@@ -27,16 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .schemas import (
     APIError,
-    ChunkLoops,
-    ChunkLoopsPerToken,
     FinishReason,
-    LoopsPerToken,
     OpenAIBody,
-    Quality,
-    RanLoops,
-    Timing,
+    OpenAIChunk,
+    OpenAIResponse,
     Unsupported,
-    Usage,
     documented,
 )
 
@@ -212,17 +207,9 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatResponse(BaseModel):
-    id: str
+class ChatResponse(OpenAIResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    loops: RanLoops
-    loops_per_token: LoopsPerToken
-    timing: Timing
-    quality: Quality
 
 
 class ChatDelta(BaseModel):
@@ -237,16 +224,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatChunk(BaseModel):
+class ChatChunk(OpenAIChunk):
     """One Server-Sent Event of a streamed /v1/chat/completions (OpenAI's `chat.completion.chunk`)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice] = Field(description="empty in the usage chunk")
-    usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
-    loops: ChunkLoops
-    loops_per_token: ChunkLoopsPerToken
-    timing: Timing | None = None
-    quality: Quality | None = None

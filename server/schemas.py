@@ -269,17 +269,25 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionResponse(BaseModel):
+class OpenAIResponse(BaseModel):
+    """The envelope of OpenAI's responses (completion and chat) with loopgpt's depth fields; a subclass names
+    `object` and the type of `choices` (a redefined field keeps its place in the JSON)."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[Any]
     usage: Usage
     loops: RanLoops
     loops_per_token: LoopsPerToken
     timing: Timing
     quality: Quality
+
+
+class CompletionResponse(OpenAIResponse):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class GenerateTokenEvent(BaseModel):
@@ -308,19 +316,26 @@ class GenerateResponse(GenerateFinalEvent):
     model: str
 
 
-class CompletionChunk(BaseModel):
-    """One Server-Sent Event of a streamed /v1/completions (OpenAI's `text_completion` chunk)."""
+class OpenAIChunk(BaseModel):
+    """The envelope of OpenAI's stream chunks (completion and chat), as OpenAIResponse is of the responses."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice] = Field(description="empty in the usage chunk")
+    choices: list[Any] = Field(description="empty in the usage chunk")
     usage: Usage | None = Field(default=None, description="with stream_options.include_usage")
     loops: ChunkLoops
     loops_per_token: ChunkLoopsPerToken
     timing: Timing | None = None
     quality: Quality | None = None
+
+
+class CompletionChunk(OpenAIChunk):
+    """One Server-Sent Event of a streamed /v1/completions (OpenAI's `text_completion` chunk)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice] = Field(description="empty in the usage chunk")
 
 
 class LoopsRange(BaseModel):
