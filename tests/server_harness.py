@@ -87,13 +87,17 @@ def post(url: str, path: str, body: dict, **kw) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=60, **kw)
 
 
-def metric_value(url: str, name: str, **labels) -> float:
-    """One sample of /metrics, parsed with prometheus_client's own parser; 0 if absent."""
+def samples(url: str) -> dict[str, list]:
+    """name -> [(labels, value)] from /metrics, parsed by prometheus_client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def metric_value(url: str, name: str, **labels) -> float:
+    """One sample of /metrics; 0 if absent."""
+    return next((v for got, v in samples(url).get(name, []) if all(got.get(k) == x for k, x in labels.items())), 0.0)

@@ -29,8 +29,7 @@ import httpx
 import pytest
 from loopgpt.loadtest.runner import LoadConfig, run_load
 from loopgpt.loadtest.stats import RequestRecord, summarize_by_loops
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import free_port, sse_events
+from server_harness import free_port, samples, sse_events
 from test_server_metrics import prometheus_binary, query, wait_for
 
 # conftest.py keeps the cluster on loopback: nothing of this test listens on, or talks to, another address.
@@ -106,14 +105,6 @@ def identities(expect: int, exclude: set[str] = frozenset(), timeout: float = 90
     return seen
 
 
-def scrape(target: str) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for family in text_string_to_metric_families(httpx.get(f"http://{target}/metrics", timeout=10).text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
-
-
 def sd_targets(sd_dir: Path) -> dict[str, str]:
     """replica name -> host:port from the file_sd target files the replicas wrote."""
     return {f.stem: json.loads(f.read_text())[0]["targets"][0] for f in sd_dir.glob("*.json")}
@@ -135,7 +126,7 @@ def test_40_concurrent_streams_through_the_proxy_reach_both_replicas(cluster):
     targets = sd_targets(cluster.sd_dir)
     assert set(targets) == set(served)  # one Prometheus target per replica, named like its header
     for name, target in targets.items():
-        m = scrape(target)
+        m = samples(f"http://{target}")
         rows = m["loopgpt_request_success_total"]
         assert {labels["replica"] for labels, _ in rows} == {name}
         assert sum(v for _, v in rows) == served[name]["ok"]  # the replica counted exactly what it served
@@ -175,7 +166,7 @@ def test_a_killed_replica_fails_only_its_own_requests_and_is_replaced(cluster, c
     target = before[victim]["metrics"]
 
     def first_tokens() -> float:  # requests that have started streaming on the victim, ever
-        return sum(v for _, v in scrape(target).get("loopgpt_time_to_first_token_seconds_count", []))
+        return sum(v for _, v in samples(f"http://{target}").get("loopgpt_time_to_first_token_seconds_count", []))
 
     started = first_tokens()
     result: list = []

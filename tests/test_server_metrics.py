@@ -19,8 +19,7 @@ import pytest
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.model.step import OUT_FIELDS
 from loopgpt.server.runner import ModelRunner, PrefillChunk, Sample, StepPlan
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import free_port, post, running_server
+from server_harness import free_port, post, running_server, samples
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "loopgpt.json"
@@ -45,15 +44,6 @@ def send_load(url: str) -> dict[int, int]:
     assert post(url, "/generate?loops=2", {"prompt": "hi", "top_p": 7}).status_code == 400
     assert post(url, "/v1/completions", {"prompt": ""}).status_code == 400
     return tokens
-
-
-def samples(url: str) -> dict[str, list]:
-    """name -> [(labels, value)] from /metrics, parsed by prometheus_client's own parser."""
-    out: dict[str, list] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
 
 
 def value(metrics: dict, name: str, **labels) -> float:
