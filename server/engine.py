@@ -256,9 +256,7 @@ class Engine:
         """The prompt is in the cache: its first token is sampled at this turn's head."""
         n = len(row.req.prompt_ids)
         self._head(row, plan, sampled, n - 1, PLAIN)
-        row.sampled = 1
-        if row.needed(n):
-            row.flights.append(Flight(n))
+        row.decided(n - 1)
 
     def _fork(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
         """n > 1: the further choices get a copy of the prompt just prefilled and sample their first tokens now."""
@@ -293,18 +291,13 @@ class Engine:
         drafting = spec is not None and spec.active and (drafting or not spec.auto)
         lane = self.runner.lane
         for f in list(row.flights):  # a flight added below starts at the next step
-            plan.lanes.append(lane(row.index, f.pos))
-            plan.rows.append(row.index)
-            plan.pos.append(f.pos)
-            plan.loop.append(f.loop)
+            plan.entry(lane(row.index, f.pos), row.index, f.pos, f.loop)
             ran, f.loop = f.loop, f.loop + 1
             if ran == n - 1:  # the token is through all its loops: its successor is decided now
                 row.flights.remove(f)
                 has_draft = any(g.pos == f.pos + 1 for g in row.flights)
                 self._head(row, plan, sampled, f.pos, VERIFY if has_draft else PLAIN, loops=n)
-                row.sampled += 1
-                if not has_draft and row.needed(f.pos + 1):
-                    row.flights.append(Flight(f.pos + 1))
+                row.decided(f.pos, successor=not has_draft)
             elif (drafting and ran == spec.k - 1 and f is row.flights[-1] and len(row.flights) <= spec.m
                   and row.needed(f.pos + 1)):
                 self._head(row, plan, sampled, f.pos, DRAFT)  # the successor starts from this early guess
@@ -318,18 +311,12 @@ class Engine:
         if row.awaiting:
             return
         f = row.flights[0]
-        entry = len(plan.lanes)
-        plan.lanes.append(self.runner.lane(row.index, f.pos))
-        plan.rows.append(row.index)
-        plan.pos.append(f.pos)
-        plan.loop.append(f.loop)
+        entry = plan.entry(self.runner.lane(row.index, f.pos), row.index, f.pos, f.loop)
         ran, f.loop = f.loop, f.loop + 1
         if ran == row.req.loops - 1:  # the budget: it stops here whatever its state
             row.flights.remove(f)
             self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1)
-            row.sampled += 1
-            if row.needed(f.pos + 1):
-                row.flights.append(Flight(f.pos + 1))
+            row.decided(f.pos)
         elif ran + 1 >= row.req.adaptive.min_loops:
             plan.convergence = True
             self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1, entry=entry)
@@ -343,9 +330,7 @@ class Engine:
             return False
         row.flights = [f for f in row.flights if f.pos != s.pos]
         row.copies.append((s.pos, s.loops - 1))
-        row.sampled += 1
-        if row.needed(s.pos + 1):
-            row.flights.append(Flight(s.pos + 1))
+        row.decided(s.pos)
         return True
 
     def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int, loops: int = 0,

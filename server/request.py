@@ -128,6 +128,13 @@ class Row:
         """Whether the token at `pos` must run: its last loop decides generated token pos + 1 - prompt."""
         return pos + 1 - len(self.req.prompt_ids) < self.req.max_tokens
 
+    def decided(self, pos: int, successor: bool = True) -> None:
+        """The token after `pos` is sampled (its head is launched): count it, and start that token's own flight
+        when it is still needed (`successor` False: a draft already flies in its place)."""
+        self.sampled += 1
+        if successor and self.needed(pos + 1):
+            self.flights.append(Flight(pos + 1))
+
 
 @dataclass
 class Sampled:

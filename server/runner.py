@@ -148,6 +148,14 @@ class StepPlan:
     kv_copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, pos, exit loop, budget)
     forks: list[Fork] = field(default_factory=list)  # prompts copied to further rows after the prefill
 
+    def entry(self, lane: int, row: int, pos: int, loop: int) -> int:
+        """Add a decode entry; returns its index (where its convergence value comes back)."""
+        self.lanes.append(lane)
+        self.rows.append(row)
+        self.pos.append(pos)
+        self.loop.append(loop)
+        return len(self.lanes) - 1
+
 
 @dataclass
 class Pending:
