@@ -52,6 +52,7 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 KV_SHRINK = "--max-batch, --loop-cap, --max-context or --kv-budget"
+NOT_LOADED = "the model is still loading; retry shortly"
 
 
 @dataclass
@@ -136,6 +137,12 @@ class ServerState:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
+    def ready(self, http: HTTPRequest) -> None:
+        """A route that needs the model: the API key, then the loaded engine (503 while loading)."""
+        self.authorize(http)
+        if self.engine is None:
+            raise APIError(503, NOT_LOADED, code="not_ready")
+
     def encode_prompt(self, prompt: str | list[int], special: bool = False) -> list[int]:
         """Token ids of a prompt. With `special` (the OpenAI routes and /tokenize, as vLLM reads a prompt), the
         tokenizer's special tokens written in the text (`<|endoftext|>`) are those tokens."""
@@ -208,9 +215,8 @@ class ServerState:
         # at most the server's --spec-tokens: a client cannot know the server's lanes, so more is not an error
         return SpecRequest(draft_loops=asked.draft_loops, tokens=min(asked.tokens or 1 << 30, self.options.spec_tokens))
 
-    def check_limits(self, n_prompt: int, max_tokens: int, loops: int) -> None:
+    def check_limits(self, n_prompt: int, max_tokens: int) -> None:
         cfg = self.config
-        self.check_loops(loops)
         if n_prompt < 1:
             raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
         if n_prompt >= cfg.block_size:
@@ -287,9 +293,7 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503),
              summary="the served model, its loops range and eval loss per loop count")
     async def models(http: HTTPRequest) -> JSONResponse:
-        state.authorize(http)
-        if state.engine is None:
-            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+        state.ready(http)
         cfg = state.config
         evals = (state.loaded.evals or {}).get("loops") or {}
         card = ModelCard(id=state.name, created=state.created, context=cfg.block_size,
@@ -302,7 +306,7 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
              summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         if state.metrics is None:
-            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+            raise APIError(503, NOT_LOADED, code="not_ready")
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse, summary="the playground page")

@@ -64,9 +64,7 @@ async def chat_completions(http: HTTPRequest):
                       logprobs={"content": [chat_entry(tokenizer, t.token_id, -t.nll, t.top) for t in c.tokens]}
                       if sub.body.logprobs else None)
            for i, c in enumerate(await collect(sub, http))]
-    return JSONResponse(ChatResponse(**head, choices=out, usage=ch.usage(sub.choices), loops=sub.loops,
-                                     loops_per_token=ch.loops_per_token(sub.choices), timing=ch.timing(sub.choices),
-                                     quality=ch.quality(sub.choices)).model_dump())
+    return JSONResponse(ChatResponse(**head, choices=out, **ch.totals(sub.choices, sub.loops)).model_dump())
 
 
 async def chat_stream(sub: Submission, head: dict) -> AsyncIterator[dict]:
@@ -101,9 +99,7 @@ async def chat_stream(sub: Submission, head: dict) -> AsyncIterator[dict]:
 
 async def tokenizer_body(http: HTTPRequest, model: type) -> tuple[Any, Any]:
     state = http.app.state.loopgpt
-    state.authorize(http)
-    if state.engine is None:
-        raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+    state.ready(http)
     body = parse_body(model, await read_json(http, state.max_body))
     state.check_model(body.model)
     return state, body
@@ -137,9 +133,7 @@ async def detokenize(http: HTTPRequest):
             "tokenizer)", responses={200: {"model": TokenizerInfo}, **error_responses(401, 503)})
 async def tokenizer_info(http: HTTPRequest):
     state = http.app.state.loopgpt
-    state.authorize(http)
-    if state.engine is None:
-        raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+    state.ready(http)
     info = TokenizerInfo(tokenizer_class=f"tiktoken:{state.loaded.tokenizer.name}", eos_token=EOT,
                          chat_template=state.chat.source, model_max_length=state.config.block_size)
     return JSONResponse(info.model_dump())

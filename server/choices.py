@@ -76,12 +76,15 @@ async def events(engine: Any, choices: list[Choice], queue: asyncio.Queue, http:
     left = len(choices)
     try:
         while left:
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), 1.0)
-            except TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    return
-                continue
+            if http is None:  # a stream: the client's departure cancels this generator
+                i, ev = await queue.get()
+            else:  # wait_for costs a task and a timer per event: only where the client must be polled
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), 1.0)
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    if await http.is_disconnected():
+                        return
+                    continue
             choices[i].add(ev)
             yield i, ev
             left -= isinstance(ev, FinishEvent)
@@ -122,6 +125,12 @@ def timing(choices: list[Choice]) -> dict[str, float | None]:
     e2e = max(f.e2e_s for f in finals)
     tokens = sum(f.completion_tokens for f in finals)
     return {"ttft_s": min(ttfts) if ttfts else None, "e2e_s": e2e, "tokens_per_s": tokens / e2e if e2e > 0 else 0.0}
+
+
+def totals(choices: list[Choice], loops: int | str) -> dict:
+    """The fields every OpenAI response adds after its choices: usage, the depth and what it cost."""
+    return {"usage": usage(choices), "loops": loops, "loops_per_token": loops_per_token(choices),
+            "timing": timing(choices), "quality": quality(choices)}
 
 
 def quality(choices: list[Choice]) -> dict[str, float | None]:

@@ -70,9 +70,7 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encod
     state = http.app.state.loopgpt
     loops: Any = None
     try:
-        state.authorize(http)
-        if state.engine is None:
-            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+        state.ready(http)
         loops = query_loops(http.query_params.getlist("loops"))  # first, so that later errors carry its label
         http.state.loops = loops  # for the 500 counter, should anything below fail unexpectedly
         body = parse_body(body_cls, await read_json(http, state.max_body))
@@ -84,12 +82,14 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encod
         loops = body.resolve_loops(loops, state.config.max_loops, named)  # an int, or "auto"
         http.state.loops = loops
         budget, adaptive = state.adaptive(body, loops)  # with "auto", the most loops a token may run
-        stop = body.stop_list() + [s for s in more_stops or [] if s not in body.stop_list()]
+        stop = body.stop_list()
+        stop += [s for s in more_stops or [] if s not in stop]
         prompts = encode(state, body)
         state.check_choices(len(prompts), body)
         max_tokens = body.tokens_to_generate(max(len(p) for p in prompts), state.config.block_size)
+        state.check_loops(budget)
         for ids in prompts:
-            state.check_limits(len(ids), max_tokens, budget)
+            state.check_limits(len(ids), max_tokens)
         body.check_tokens(max_tokens)
         state.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
@@ -221,10 +221,7 @@ async def completions(http: HTTPRequest):
         logprobs = None if body.logprobs is None else completion_logprobs(tokenizer, c, body)
         out.append(CompletionChoice(index=index, text=prompt_text + c.text, finish_reason=c.final.finish_reason,
                                     logprobs=logprobs))
-    return JSONResponse(CompletionResponse(**head, choices=out, usage=ch.usage(sub.choices), loops=sub.loops,
-                                           loops_per_token=ch.loops_per_token(sub.choices),
-                                           timing=ch.timing(sub.choices),
-                                           quality=ch.quality(sub.choices)).model_dump())
+    return JSONResponse(CompletionResponse(**head, choices=out, **ch.totals(sub.choices, sub.loops)).model_dump())
 
 
 def completion_logprobs(tokenizer: Any, c: ch.Choice, body: CompletionBody) -> dict:
