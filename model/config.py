@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 GATES = ("none", "vector")
 
@@ -89,15 +93,18 @@ class LoopGPTConfig:
         """Slot of the (outer loop, layer, inner loop) application, as DESIGN.md defines it."""
         return (self.kept_loop(loop) * self.n_layer + layer) * self.inner_loops + j
 
-    def kept_loop(self, loop: int) -> int:
+    def kept_loop(self, loop: int | torch.Tensor) -> int | torch.Tensor:
         """The loop whose K/V slots loop `loop` uses. With a KV budget b >= 2, loop 0 keeps a slot of its own and the
         deeper loops share the other b - 1 in turn: loop 0 is the one every token's first pass reads, and giving
         its slot to a deep loop (the plain `loop mod b`) cost the demo 3 nats where this costs ~0.07
-        (docs/results.md). b = 1: one slot for every loop."""
+        (docs/results.md). b = 1: one slot for every loop. `loop` may be a tensor of loops (branch-free, on the
+        device, as the engine's per-row slots need)."""
         b = self.kv_budget
         if b == 0:
             return loop
-        return 0 if b == 1 or loop == 0 else 1 + (loop - 1) % (b - 1)
+        if b == 1:
+            return loop * 0
+        return (loop != 0) * (1 + (loop - 1) % (b - 1))
 
     def with_kv_budget(self, budget: int) -> LoopGPTConfig:
         """A validated copy with `kv_budget=budget`: loops share K/V slots (see `kept_loop`).

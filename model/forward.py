@@ -85,13 +85,15 @@ def hidden(model: LoopModel, idx: torch.Tensor, loops: Loops = None, kv_cache: K
 
     x = model.embed(idx, pos)  # (B, T, C)
     mask = None if kv_cache is None else position_mask(pos, ctx)
+    read_all = KVCache.row_index(rows) if kv_cache is not None and views else rows  # once: it may read rows back
     for n in range(max(row_loops)):
         active = [b for b in range(B) if row_loops[b] > n]
         whole = len(active) == B
         sel = None if whole else torch.tensor(active, device=idx.device)
         if kv_cache is not None:
             r, w, p, m = (rows, write_rows, pos, mask) if whole else (rows[sel], write_rows[sel], pos[sel], mask[sel])
-            access = CacheAccess(kv_cache, n, KVCache.row_index(r) if views else r, w, p, ctx, m)
+            read = read_all if whole else KVCache.row_index(r) if views else r
+            access = CacheAccess(kv_cache, n, read, w, p, ctx, m)
         xa = model.loop_body(x if whole else x[sel], n, access)
         x = xa if whole else x.index_copy(0, sel, xa)
     return x

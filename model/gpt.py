@@ -146,9 +146,9 @@ class LoopGPT(nn.Module):
             return s if a is None else x + a * (s - x)
         if self.loop_gates is None:
             return s
-        # Per-row loops: gate row 0 is never used (loop 0 takes Stack(x) whole, bit for bit as the int path).
-        gates = torch.cat([self.loop_gates[:1], self.loop_gates], dim=0)  # (max_loops, C)
-        a = gates[torch.clamp(loop, max=self.config.max_loops - 1)][:, None, :]  # (B, 1, C)
+        # Per-row loops: gate a_n is loop_gates[n - 1], the last one past the trained depth; loop 0's pick is never
+        # used (loop 0 takes Stack(x) whole, bit for bit as the int path).
+        a = self.loop_gates[(loop - 1).clamp(0, self.config.max_loops - 2)][:, None, :]  # (B, 1, C)
         return torch.where((loop == 0)[:, None, None], s, x + a * (s - x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -116,16 +116,7 @@ class CacheAccess:
     def __post_init__(self):
         cfg = self.cache.config
         per_loop = cfg.n_layer * cfg.inner_loops
-        if isinstance(self.loop, int):
-            self.base: int | torch.Tensor = cfg.slot(self.loop, 0, 0)
-        else:  # slot(n, 0, 0) on the device: config.kept_loop(n) * slots per loop
-            b = cfg.kv_budget
-            kept = self.loop
-            if b == 1:
-                kept = torch.zeros_like(self.loop)
-            elif b > 1:
-                kept = torch.where(self.loop == 0, 0, 1 + torch.remainder(self.loop - 1, b - 1))
-            self.base = kept * per_loop
+        self.base: int | torch.Tensor = cfg.kept_loop(self.loop) * per_loop  # slot(n, 0, 0), per row when a tensor
 
     def write(self, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, H, T, D) of the application `offset` = layer * inner_loops + j of this loop."""

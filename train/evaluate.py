@@ -128,7 +128,7 @@ def sliding_nll_decode(model: LoopGPT, ids: torch.Tensor, loops: int, context: i
 
 def kv_bytes_per_token(config: LoopGPTConfig, loops: int, dtype: torch.dtype) -> int:
     """K and V bytes one token keeps in a KVCache built for `loops` (the config's kv_budget applied)."""
-    return 2 * config.kv_slots(loops) * config.n_embd * torch.empty(0, dtype=dtype).element_size()
+    return config.kv_cache_bytes(1, 1, loops, torch.empty(0, dtype=dtype).element_size())
 
 
 def evaluate_loops(model: LoopGPT, ids: torch.Tensor, loops_list: list[int], context: int = 0,
@@ -166,8 +166,5 @@ def fixed_loss_at(curve: dict[int, float], mean_loops: float) -> float:
 
     It is what running a random share of tokens at each of the two neighbouring depths would give on average
     (same mean loops), so adaptive depth has to beat it to be worth anything."""
-    lo = max(n for n in curve if n <= mean_loops) if mean_loops >= min(curve) else min(curve)
-    hi = min((n for n in curve if n >= mean_loops), default=max(curve))
-    if hi == lo:
-        return curve[lo]
-    return curve[lo] + (curve[hi] - curve[lo]) * (mean_loops - lo) / (hi - lo)
+    xs = sorted(curve)
+    return float(np.interp(mean_loops, xs, [curve[n] for n in xs]))  # the end values outside the curve
