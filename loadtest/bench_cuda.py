@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, load_tokenizer, preset
 
+from .bench import MIXED_LOOPS, depth_gain
 from .timing import Row, med
 
-MIXED = [1, 2, 4, 6]
+MIXED = list(MIXED_LOOPS)
 PRESET = "gpt2-81m-loop"
 
 
@@ -115,7 +116,7 @@ def _mixed_and_roofline(row: Row, eng: Any, model: LoopGPT, prompt: list[int], t
     for _ in range(reps):
         mixed.append(eng.closed_loop(prompt, MIXED, 64, tokens, 256))
         padded.append(eng.closed_loop(prompt, [deep], 64, tokens, 256))
-    theory = deep / (sum(MIXED) / len(MIXED))
+    theory = depth_gain(MIXED)
     gain = med(mixed) / med(padded)
     row.extra[f"closed loop, 64 rows: mixed {MIXED} vs all at {deep}, tok/s"] = (
         f"{med(mixed):.4g} vs {med(padded):.4g}: {gain:.2f}x (theory {theory:.2f}x, {gain / theory:.0%} of it)")

@@ -19,24 +19,21 @@ row 9 measured in the engine (`--accept`).
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 from collections.abc import Callable
 
 import torch
 from loopgpt.model import KVCache, load_checkpoint
 from loopgpt.model.step import StepState, decode_step, head_step, prefill
 
+from .timing import repeat
+
 ROW9_ACCEPT = [0.82, 0.89, 0.92, 0.92, 0.97]  # bench row 9, demo, k = 1..5 (docs/performance.md)
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:
     """Microseconds per call, after a few warm-up calls."""
-    for _ in range(max(2, reps // 10)):
-        fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps * 1e6
+    return statistics.fmean(repeat(fn, reps, warmup=max(2, reps // 10))) * 1e6
 
 
 def measure(checkpoint: str, max_entries: int = 6, reps: int = 200) -> dict:

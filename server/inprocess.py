@@ -27,14 +27,12 @@ class Waiter:
 
     def __init__(self, then: Any = None):
         self.tokens: list[int] = []
-        self.first_at: float | None = None
         self.finish: FinishEvent | None = None
         self.done = threading.Event()
         self.then = then  # called (in the engine thread) when the request ends
 
     def __call__(self, ev: Any) -> None:
         if isinstance(ev, TokenEvent):
-            self.first_at = self.first_at or time.perf_counter()
             self.tokens.append(ev.token_id)
         elif isinstance(ev, FinishEvent):
             self.finish = ev
@@ -77,7 +75,6 @@ class InProcess:
         """(tokens of each (prompt, loops, max_tokens) request, wall seconds from submission to the last token)."""
         t0 = time.perf_counter()
         waiters = [self.submit(p, n, m, speculative=speculative, adaptive=adaptive) for p, n, m in specs]
-        self.last = waiters
         for w in waiters:
             if not w.done.wait(timeout):
                 raise TimeoutError(f"a benchmark request did not finish within {timeout:.0f} s")
