@@ -90,11 +90,24 @@ def resolve_device(name: str) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16, from the kernel's CPU flags).
+    Elsewhere bf16 is emulated and no faster than float32, so `--dtype auto` keeps float32."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no flags to read, no claim made
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` → bfloat16 on a CUDA device that supports it, else float32; or the dtype named."""
+    """`auto` → bfloat16 on a CUDA device that supports it or a CPU with native bf16 matmul, else float32; or the
+    dtype named. Logits, sampling and the NLL metrics stay float32 whatever the dtype."""
     if name == "auto":
-        cuda = device.startswith("cuda") and torch.cuda.is_available()
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if native_bf16_cpu() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]

@@ -49,15 +49,22 @@ class NotAccepting(RuntimeError):
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 64,
-                 metrics: Any = None, prompt_nll: bool = True, prefill_chunk: int = 128,
-                 spec_batch_limit: int | None = None):
+                 metrics: Any = None, prompt_nll: float = 1.0, prefill_chunk: int = 128,
+                 spec_batch_limit: int | None = None, cohorts: bool | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.metrics = metrics  # a ServerMetrics or None
-        self.prompt_nll = prompt_nll
+        # Prompt scoring (the prompt_nll metric) runs the head at every prompt position, the largest matmul of a
+        # prefill on a real vocabulary: a fraction of requests is scored (every 1/fraction-th, no randomness).
+        self.prompt_nll = float(prompt_nll)
+        self.nll_credit = 0.0
+        # Token-aligned cohorts: rows of one depth start their tokens together, so their head runs once per token
+        # for all of them (on a CPU the head's weight is streamed from memory at every call, whatever its rows);
+        # on a GPU a head call costs microseconds and a token started at once is worth more (docs/architecture.md).
+        self.cohorts = (not runner.cuda) if cohorts is None else cohorts
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per turn, over all requests
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: dict[int, Row] = {}  # cache row -> admitted request, in admission order
@@ -210,11 +217,30 @@ class Engine:
         if req.speculative is not None and self.runner.lanes_per_row > 1:
             spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
         row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
+        row.scored = self._score_prompt() if fork_of is None else fork_of.scored
         banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
         if req.min_tokens and banned:
             self.runner.ban(index, banned)
             row.bans = True
         return row
+
+    def _score_prompt(self) -> bool:
+        """Whether the next admitted prompt is scored for the prompt_nll metric: the first, then every
+        1/prompt_nll-th one (none at 0, all at 1)."""
+        self.nll_credit += self.prompt_nll
+        if self.nll_credit > 0:
+            self.nll_credit -= 1.0
+            return True
+        return False
+
+    def _held(self) -> set[int]:
+        """Depths whose cohort is inside a token: their rows waiting at loop 0 of a new token hold until it ends,
+        so that every row of a depth starts its tokens in the same step (at most loops - 1 steps of waiting, once).
+        Speculating and adaptive rows keep their own pace."""
+        if not self.cohorts:
+            return set()
+        return {r.req.loops for r in self.rows.values()
+                if r.decoding and r.spec is None and r.req.adaptive is None and any(f.loop > 0 for f in r.flights)}
 
     def _schedule(self) -> tuple[StepPlan, list[Sampled]]:
         """This turn's work, decided on the host alone: every token in flight advances one loop (a head after its
@@ -224,11 +250,13 @@ class Engine:
         plan, sampled = StepPlan(), []
         in_flight = sum(len(r.flights) for r in self.rows.values())
         plan.repeat = self._lockstep()
+        held = self._held()
         for _ in range(plan.repeat):
             for row in self.rows.values():
                 if row.decoding and row.req.adaptive is not None:
                     self._advance_adaptive(row, plan, sampled)
-                elif row.decoding:
+                elif row.decoding and not (row.spec is None and row.req.loops in held
+                                           and all(f.loop == 0 for f in row.flights)):
                     self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
         for row in self.rows.values():  # exited tokens' K/V into their deeper slots, before this turn's step
             plan.kv_copies.extend((row.index, pos, exit_loop, row.req.loops) for pos, exit_loop in row.copies)
@@ -241,7 +269,7 @@ class Engine:
             start = row.prefilled
             end = min(len(prompt), start + budget)
             scored = row.req.prompt_logprobs is not None
-            targets = (prompt[start + 1:end + 1]) if self.prompt_nll or scored else None
+            targets = (prompt[start + 1:end + 1]) if row.scored or scored else None
             adaptive = row.req.adaptive
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
@@ -390,7 +418,7 @@ class Engine:
         if row.first_token_at is None:
             row.first_token_at = now
             n = len(req.prompt_ids)
-            if self.prompt_nll and n > 1:
+            if row.scored and n > 1:
                 row.prompt_nll = prompt_nll_sum / (n - 1)
                 if self.metrics:
                     self.metrics.prompt_scored(req, row.prompt_nll)

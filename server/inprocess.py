@@ -53,7 +53,7 @@ class InProcess:
         if compile or cuda_graphs:
             with self.runner.context():
                 self.runner.warmup()
-        self.engine = Engine(self.runner, tokenizer, max_queue=1 << 20, prompt_nll=False,
+        self.engine = Engine(self.runner, tokenizer, max_queue=1 << 20, prompt_nll=0.0,
                              prefill_chunk=prefill_chunk, spec_batch_limit=spec_batch_limit)
         self.engine.start()
 

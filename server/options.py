@@ -66,7 +66,9 @@ class ServerOptions:
                                      "(one loop's change from the embedding says little)")
     spec_tokens: int = option(3, "draft tokens a speculating request may keep in flight (each one a lane of its "
                               "own); 0 turns self-speculative decoding off")
-    prompt_nll: bool = option(True, "score each prompt's own tokens (the prompt_nll metric and field)")
+    prompt_nll: float = option(0.1, "fraction of requests whose prompt is scored (the prompt_nll metric and field): "
+                               "the head at every prompt position is the largest matmul of a prefill on a real "
+                               "vocabulary; 1 scores every prompt, 0 none (echo with logprobs is always scored)")
     threads: int = option(0, "CPU threads for the model (0: cores - 1, leaving one for HTTP; oversubscribed OpenMP "
                           "threads spin and can make decoding many times slower)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -89,6 +91,8 @@ class ServerOptions:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 1 (or 0 for the checkpoint's), got {value}")
+        if not 0 <= self.prompt_nll <= 1:
+            raise ValueError(f"--prompt-nll must be in 0..1 (a fraction of requests), got {self.prompt_nll}")
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.threads < 0:

@@ -115,6 +115,7 @@ class Row:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (position, exit loop): K/V to copy deeper
     looped: int = 0  # decoded tokens and the loops they used, for loops_per_token
     loops_used: int = 0
+    scored: bool = False  # the prompt is scored for the prompt_nll metric (a sampled fraction of requests)
     bans: bool = False  # the runner holds tokens this row may not sample before min_tokens
     fork_of: Row | None = None  # a further choice: its prompt comes from this row's prefill
     children: list[Row] = field(default_factory=list)  # the further choices forked from this row

@@ -15,7 +15,9 @@ Opt-in speedups (held here, never baked into the model): `compile` (torch.compil
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,6 +178,47 @@ class Pending:
         return [] if self.conv is None else self.conv.tolist()
 
 
+@dataclass
+class StepCosts:
+    """Seconds of one eager decode call on this machine, as (fixed, per entry): `uniform` for entries at one loop
+    index (one K/V slot and one gate for all), `gathered` for entries at their own loops (each entry's slot and gate
+    gathered). Measured when the runner starts (`measure`); it decides whether a step whose entries stand at k loop
+    indices runs as k uniform calls or one gathered call."""
+
+    uniform: tuple[float, float] = (0.0, 0.0)
+    gathered: tuple[float, float] = (0.0, 0.0)
+
+    def grouped_cheaper(self, sizes: list[int]) -> bool:
+        (a, b), (c, d), n = self.uniform, self.gathered, sum(sizes)
+        return len(sizes) * a + b * n < c + d * n
+
+    @classmethod
+    def measure(cls, runner: ModelRunner, reps: int = 5) -> StepCosts:
+        """Time both call kinds at 1 and `max_batch` entries on the scratch row and lane (nothing live is touched)."""
+        def seconds(n: int, per_row: bool) -> float:
+            dev = runner.device
+            lanes = torch.full((n,), runner.scratch_lane, device=dev)
+            rows = torch.full((n,), runner.scratch, device=dev)
+            pos = torch.arange(n, device=dev) % runner.cache.max_len
+            loop = torch.arange(n, device=dev) % 2 if per_row else 1
+            ctx = ctx_bucket(n, runner.cache.max_len)
+            times = []
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                decode_step(runner.model, runner.cache, runner.state, lanes, rows, pos, loop, ctx)
+                times.append(time.perf_counter() - t)
+            return min(times[1:])  # the least disturbed run: the machine may be shared
+
+        big = max(2, runner.max_batch)
+        with torch.inference_mode():
+            fits = []
+            for per_row in (False, True):
+                one, many = seconds(1, per_row), seconds(big, per_row)
+                slope = max(0.0, (many - one) / (big - 1))
+                fits.append((max(0.0, one - slope), slope))
+        return cls(*fits)
+
+
 # Rows of the step's integer and float input buffers.
 LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE, BAN = range(12)
 TEMPERATURE, TOP_P = range(2)
@@ -231,6 +274,7 @@ class ModelRunner:
         # would mean dozens of compiles at start-up); CUDA graphs then freeze each bucket's shapes
         self._decode = torch.compile(self._decode_fn, dynamic=True) if compile else self._decode_fn
         self._head = torch.compile(self._head_fn, dynamic=True) if compile else self._head_fn
+        self.costs = StepCosts.measure(self) if self.eager and not self.cuda else StepCosts()
 
     def lane(self, row: int, pos: int) -> int:
         """The lane of the token at `pos` of cache row `row`: tokens in flight have consecutive positions, so
@@ -271,14 +315,20 @@ class ModelRunner:
         h, f = self.np_long[slot], self.np_float[slot]
         if plan.repeat > 1:
             return self._run_lockstep(plan, slot)
-        B = pad_to(len(plan.lanes), self.sizes) if plan.lanes else 0
+        groups = self._groups(plan)
+        if groups:  # entries sorted by loop: one call per loop index, each reading one K/V slot with one gate
+            order = sorted(range(len(plan.loop)), key=plan.loop.__getitem__)
+            plan = dataclasses.replace(plan, **{k: [getattr(plan, k)[i] for i in order]
+                                                for k in ("lanes", "rows", "pos", "loop")})
+        # Padding to a bucket lets graphs and compiled kernels repeat their shapes; eager runs the exact batch.
+        B = (len(plan.lanes) if self.eager else pad_to(len(plan.lanes), self.sizes)) if plan.lanes else 0
         if B:
             self._fill(h[LANE], plan.lanes, B, self.scratch_lane)
             self._fill(h[ROW], plan.rows, B, self.scratch)
             self._fill(h[POS], plan.pos, B, 0)
             self._fill(h[LOOP], plan.loop, B, 0)
         samples = plan.samples
-        Bh = pad_to(len(samples), self.sizes) if samples else 0
+        Bh = (len(samples) if self.eager else pad_to(len(samples), self.sizes)) if samples else 0
         if Bh:
             self._fill(h[H_SRC], [s.src for s in samples], Bh, self.scratch_lane)
             self._fill(h[H_DST], [s.dst for s in samples], Bh, self.scratch_lane)
@@ -295,11 +345,14 @@ class ModelRunner:
         self.d_long.copy_(self.h_long[slot], non_blocking=True)
         self.d_float.copy_(self.h_float[slot], non_blocking=True)
         if B:
-            ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
-            uniform = self.eager and B == len(plan.loop) and min(plan.loop) == max(plan.loop)
-            if uniform:  # every entry at one loop, no padding: the CPU fast path (one slot, one gate)
-                self._decode_fn(B, ctx, plan.loop[0])
+            if groups:
+                for loop, start, end in groups:
+                    self._decode_fn(end - start, ctx_bucket(max(plan.pos[start:end]) + 1, self.cache.max_len), loop,
+                                    start)
+            elif self.eager and min(plan.loop) == max(plan.loop):  # the CPU fast path: one slot, one gate
+                self._decode_fn(B, ctx_bucket(max(plan.pos) + 1, self.cache.max_len), plan.loop[0])
             else:
+                ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
                 self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
             t = self._clock("decode", t)
         conv = None
@@ -388,10 +441,25 @@ class ModelRunner:
         dst[:n] = values
         dst[n:size] = pad
 
-    def _decode_fn(self, B: int, ctx: int, loop: int | None = None) -> None:
-        d = self.d_long
-        self.d_conv[:B] = decode_step(self.model, self.cache, self.state, d[LANE, :B], d[ROW, :B], d[POS, :B],
-                                      d[LOOP, :B] if loop is None else loop, ctx)
+    def _decode_fn(self, B: int, ctx: int, loop: int | None = None, start: int = 0) -> None:
+        d, end = self.d_long, start + B
+        self.d_conv[start:end] = decode_step(self.model, self.cache, self.state, d[LANE, start:end], d[ROW, start:end],
+                                             d[POS, start:end], d[LOOP, start:end] if loop is None else loop, ctx)
+
+    def _groups(self, plan: StepPlan) -> list[tuple[int, int, int]]:
+        """(loop, start, end) of each loop index's entries once sorted by loop, when one call per loop index
+        costs less than one call gathering every entry's own slot and gate (the cost model measured at start-up,
+        `StepCosts`); [] for one gathered call. Eager CPU only: graphs and compile keep one call per step."""
+        if not self.eager or self.cuda or plan.convergence or not plan.lanes:
+            return []
+        sizes = collections.Counter(plan.loop)
+        if len(sizes) == 1 or not self.costs.grouped_cheaper(list(sizes.values())):
+            return []
+        out, start = [], 0
+        for loop in sorted(sizes):
+            out.append((loop, start, start + sizes[loop]))
+            start += sizes[loop]
+        return out
 
     def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool, ban: bool = False,
                  top: bool = False) -> None:

@@ -98,11 +98,11 @@ def test_serve_flags_are_the_options_dataclass():
     parser = argparse.ArgumentParser()
     add_option_flags(parser)
     assert options_from_args(parser.parse_args([])) == ServerOptions()
-    parsed = options_from_args(parser.parse_args(["--max-batch", "3", "--no-prompt-nll", "--loop-cap", "9"]))
-    assert (parsed.max_batch, parsed.prompt_nll, parsed.loop_cap) == (3, False, 9)
+    parsed = options_from_args(parser.parse_args(["--max-batch", "3", "--prompt-nll", "0", "--loop-cap", "9"]))
+    assert (parsed.max_batch, parsed.prompt_nll, parsed.loop_cap) == (3, 0.0, 9)
     help_text = parser.format_help()
     for flag in ("--max-batch", "--max-queue", "--max-body", "--shutdown-grace", "--prefill-chunk", "--threads",
-                 "--no-prompt-nll", "--api-key", "--api-key-file", "--loop-cap", "--max-context", "--host", "--port",
+                 "--prompt-nll", "--api-key", "--api-key-file", "--loop-cap", "--max-context", "--host", "--port",
                  "--backend", "--device", "--log-level", "--checkpoint"):
         assert flag in help_text, flag
 

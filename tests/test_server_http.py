@@ -19,7 +19,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with running_server(tiny_checkpoint, max_batch=4, max_queue=16, max_body=4096) as (url, app):
+    with running_server(tiny_checkpoint, max_batch=4, max_queue=16, max_body=4096, prompt_nll=1.0) as (url, app):
         yield url, app
 
 

@@ -52,7 +52,7 @@ def value(metrics: dict, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with running_server(tiny_checkpoint, max_batch=4) as (url, _):
+    with running_server(tiny_checkpoint, max_batch=4, prompt_nll=1.0) as (url, _):
         yield url
 
 
