@@ -192,7 +192,7 @@ def row_speculative(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], r
     """Row 9: self-speculative decoding (drafts from the request's own first k loops) vs plain, same engine, greedy:
     batch 1 per k (acceptance rate, tokens/s, identical output), then `auto` and the best fixed k at growing
     batch sizes, to find where drafting stops paying (auto pauses drafting beyond `spec_batch_limit` tokens)."""
-    from loopgpt.server.speculation import SpecRequest
+    from loopgpt.server.engine.speculation import SpecRequest
 
     loops = model.config.max_loops
     row = Row(9, f"decode batch 1, loops {loops}: self-speculative (auto) vs plain", "tok/s", "speculative auto",

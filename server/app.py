@@ -7,7 +7,6 @@ error rendering, and the small routes (`/health`, `/v1/models`, `/metrics`, `/`,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -20,26 +19,22 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from loopgpt.model.memory import check_memory
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from .chat import ChatTemplate
 from .chat_routes import router as chat_router
-from .engine import Engine
+from .engine import Adaptive, Engine, Loaded, build_engine
+from .engine.speculation import SpecRequest
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
 from .openapi import build_openapi, error_responses
 from .options import ServerOptions
-from .request import Adaptive
 from .routes import router
-from .runner import Loaded, ModelRunner
 from .schemas import APIError, Health, LoopsRange, ModelCard, ModelList
-from .speculation import SpecRequest
 
 __all__ = ["ServerOptions", "ServerState", "create_app"]
 
@@ -51,7 +46,6 @@ PAGE_HEADERS = {
                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
 }
-KV_SHRINK = "--max-batch, --loop-cap, --max-context or --kv-budget"
 NOT_LOADED = "the model is still loading; retry shortly"
 
 
@@ -94,24 +88,16 @@ class ServerState:
                 self.on_fatal(self.load_error)
 
     def start(self, loaded: Loaded) -> None:
-        opt = self.options
-        loaded.model.config = serving_config(loaded.model.config, opt.loop_cap, opt.max_context)
-        if opt.kv_budget >= 0:  # a ConfigError sentence names the range
-            loaded.model.config = loaded.model.config.with_kv_budget(opt.kv_budget)
-        check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
-                     dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
-        runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,
-                             compile=opt.compile, cuda_graphs=opt.cuda_graphs, lanes_per_row=opt.spec_tokens + 1)
-        if opt.cuda_graphs or opt.compile:
-            log.info("warming up: %d step variants captured/compiled", runner.warmup())
-        cfg = loaded.model.config
+        """The engine over `loaded`: built and run here (a thread), or already running in its own process
+        (`loaded.engine`, an EngineClient); its metrics are recorded in this process either way."""
+        engine = loaded.engine or build_engine(loaded, self.options)
+        cfg = loaded.model.config  # the serving config (caps and KV budget applied)
         self.chat = ChatTemplate(loaded.chat_template)
-        self.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
-        engine = Engine(runner, loaded.tokenizer, opt.max_queue, self.metrics, opt.prompt_nll, opt.prefill_chunk)
+        self.metrics = engine.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine.start()
         self.loaded, self.engine = loaded, engine
         log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,
-                 loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, opt.max_batch)
+                 loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, self.options.max_batch)
 
     def check_model(self, model: str | None) -> int | None:
         """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise), which may
@@ -232,17 +218,6 @@ class ServerState:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def serving_config(cfg: Any, loop_cap: int, max_context: int) -> Any:
-    """The checkpoint's config with the server's caps (0: keep the checkpoint's); the model and the KV cache
-    read their limits from it, so a smaller cap is a smaller cache."""
-    if loop_cap and not cfg.max_loops <= loop_cap <= cfg.loop_cap:
-        raise ValueError(f"--loop-cap must be in {cfg.max_loops}..{cfg.loop_cap} for this checkpoint (its trained "
-                         f"loops .. its loop_cap), got {loop_cap}")
-    if max_context and not 2 <= max_context <= cfg.block_size:
-        raise ValueError(f"--max-context must be in 2..{cfg.block_size} for this checkpoint, got {max_context}")
-    return dataclasses.replace(cfg, loop_cap=loop_cap or cfg.loop_cap, block_size=max_context or cfg.block_size)
-
-
 def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = None) -> FastAPI:
     """An app that loads the model in a background thread at startup and stops its engine at shutdown."""
     state = ServerState(loader, options or ServerOptions())
@@ -284,6 +259,9 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
         if state.engine is None:
             message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
             return JSONResponse(APIError(503, message, code="not_ready").body(), status_code=503)
+        if not state.engine.alive():  # the engine process died: fail the probe so that the pod is restarted
+            return JSONResponse(APIError(503, "the engine has stopped; the server must be restarted",
+                                         code="engine_dead").body(), status_code=503)
         if state.engine.drain_deadline is not None:  # a load balancer must stop sending traffic now
             return JSONResponse(APIError(503, "shutting down: finishing running requests", code="draining").body(),
                                 status_code=503)

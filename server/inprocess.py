@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from loopgpt.model import SamplingParams, Tokenizer
 
-from .engine import Adaptive, Engine, FinishEvent, Request, TokenEvent
-from .runner import ModelRunner
-from .speculation import SpecRequest
+from .engine import Adaptive, Engine, FinishEvent, ModelRunner, Request, TokenEvent
+from .engine.speculation import SpecRequest
 
 GREEDY = SamplingParams(temperature=0.0)
 

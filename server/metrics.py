@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 PREFIX = "loopgpt"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -27,7 +35,10 @@ class ServerMetrics:
     def __init__(self, loop_cap: int, evals: dict | None = None, registry: CollectorRegistry | None = None,
                  trained: int | None = None):
         disable_created_metrics()  # prometheus_client's switch is process-wide; it must precede the series
-        self.registry = registry or CollectorRegistry()
+        if registry is None:  # the server's own: with the standard process_* series (CPU seconds, memory)
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+        self.registry = registry
         self.loop_cap = loop_cap
         self.trained = min(trained or loop_cap, loop_cap)  # depths pre-created at 0
         r, ns = self.registry, PREFIX
@@ -65,6 +76,11 @@ class ServerMetrics:
         self.engine_seconds = Counter("engine_seconds", "Engine thread time per phase of its turns: schedule (host), "
                                       "run (the model on a CPU; launches on a GPU), postprocess (detokenize, "
                                       "stream, metrics)", ["phase"], namespace=ns, registry=r)
+        # With the engine in its own process (`--engine process`) its CPU time is not in process_cpu_seconds_total:
+        # the two together are the server's CPU use.
+        self.engine_cpu = Counter("engine_cpu_seconds", "CPU seconds of the engine process, its model threads "
+                                  "included (0 with --engine thread, whose time is in process_cpu_seconds_total)",
+                                  namespace=ns, registry=r)
         self.drafts = Counter("speculative_drafts", "Self-speculative drafts verified, by outcome",
                               ["loops", "accepted"], namespace=ns, registry=r)
         self.eval_loss = Gauge("checkpoint_eval_loss", "Held-out loss from the checkpoint's eval.json", per_loops,
@@ -118,6 +134,9 @@ class ServerMetrics:
 
     def looped(self, req: Any, loops: int) -> None:
         self.loops_per_token.labels("auto" if getattr(req, "adaptive", None) else "fixed").observe(loops)
+
+    def engine_cpu_time(self, seconds: float) -> None:
+        self.engine_cpu.inc(seconds)
 
     def engine_time(self, phase: str, seconds: float) -> None:
         self.engine_seconds.labels(phase).inc(seconds)

@@ -32,8 +32,9 @@ class ServerOptions:
     port: int = option(8000, "TCP port to listen on")
     backend: str = option("torch", "model runtime", choices=("torch", "onnx"))
     device: str = option("auto", "device for the model", choices=("auto", "cpu", "cuda"))
-    dtype: str = option("auto", "weights, activations and KV cache (auto: bfloat16 on a CUDA device that supports it, "
-                        "else float32); sampling and NLL metrics are always float32",
+    dtype: str = option("auto", "weights, activations and KV cache (auto: bfloat16 on a CUDA device that supports it "
+                        "or a CPU with native bf16 matmul, AVX512-BF16 or AMX, else float32); sampling and NLL "
+                        "metrics are always float32",
                         choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = option(False, "torch.compile the decode step and the sampling head (opt-in; eager is the "
                            "reference)")
@@ -69,6 +70,9 @@ class ServerOptions:
     prompt_nll: float = option(0.1, "fraction of requests whose prompt is scored (the prompt_nll metric and field): "
                                "the head at every prompt position is the largest matmul of a prefill on a real "
                                "vocabulary; 1 scores every prompt, 0 none (echo with logprobs is always scored)")
+    engine: str = option("process", "where the engine runs: its own process (the model's threads never wait for the "
+                         "API's GIL) or a thread of the API process (one process; the tests' and `bench`'s way)",
+                         choices=("process", "thread"))
     threads: int = option(0, "CPU threads for the model (0: cores - 1, leaving one for HTTP; oversubscribed OpenMP "
                           "threads spin and can make decoding many times slower)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))

@@ -33,8 +33,8 @@ from prometheus_client.metrics_core import Metric
 from ray import serve
 
 from .app import create_app
+from .engine import load_backend
 from .options import ServerOptions, options_from_args
-from .runner import load_backend
 from .scale_out import ScaleOutError, Scaling
 
 log = logging.getLogger("loopgpt.server")
@@ -177,7 +177,7 @@ class LoopGPTReplica:
     def check_health(self) -> None:
         """Ray's periodic probe: a replica whose engine thread died is replaced."""
         engine = self.state.engine if self.state is not None else None
-        if engine is not None and (engine.thread is None or not engine.thread.is_alive()):
+        if engine is not None and not engine.alive():
             raise RuntimeError(f"replica {self.name}: the engine thread is not running")
 
     def __del__(self):

@@ -1,5 +1,6 @@
 """`loopgpt serve`: flags, then uvicorn with a graceful drain on SIGTERM.
 
+The engine runs in its own process (server/engine/process.py) unless `--engine thread`.
 On SIGTERM (or Ctrl-C) the engine stops admitting (503), running streams get `--shutdown-grace`
 seconds to finish, the rest end with finish_reason "abort", and the process exits 0.
 
@@ -20,8 +21,9 @@ from loopgpt.model.checkpoint import load_config
 from sse_starlette.sse import AppStatus
 
 from .app import create_app
+from .engine import ONNX_MISSING, BackendError, load_backend
+from .engine.process import spawn_engine
 from .options import ServerOptions, add_option_flags, options_from_args
-from .runner import ONNX_MISSING, BackendError, load_backend
 from .scale_out import add_ray_args, parse_scaling, serve_ray
 
 log = logging.getLogger("loopgpt.server")
@@ -65,9 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:
         return serve_ray(args)
-    torch.set_num_threads(o.threads or max(1, (os.cpu_count() or 2) - 1))
-    log.info("model threads: %d", torch.get_num_threads())
-    app = create_app(lambda: load_backend(o.checkpoint, o.backend, o.device, o.dtype, onnx_loader=args.onnx_loader), o)
+    threads = o.threads or max(1, (os.cpu_count() or 2) - 1)  # the model's; one core is left for HTTP
+    if o.engine == "process":
+        torch.set_num_threads(1)  # this process only tokenizes and streams
+        app = create_app(lambda: spawn_engine(o, args.onnx_loader, threads), o)
+    else:
+        torch.set_num_threads(threads)
+        log.info("model threads: %d", threads)
+        app = create_app(lambda: load_backend(o.checkpoint, o.backend, o.device, o.dtype, args.onnx_loader), o)
     state = app.state.loopgpt
     # Our engine decides when streams end on shutdown; sse-starlette would otherwise cut them at once.
     AppStatus.disable_automatic_graceful_drain()

@@ -21,7 +21,7 @@ import uvicorn
 from conftest import tiny_model
 from loopgpt.model import save_checkpoint
 from loopgpt.server.app import ServerOptions, create_app
-from loopgpt.server.runner import load_backend
+from loopgpt.server.engine import load_backend
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def wait_healthy(url: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 @contextlib.contextmanager
 def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
     """(base URL, app) of a uvicorn server in a thread, ready (/health 200) before it is yielded."""
-    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu"), ServerOptions(**options))
+    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu", "float32"), ServerOptions(**options))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.model.adaptive import adaptive_hidden
-from loopgpt.server.engine import Adaptive, Engine, FinishEvent, Request, TokenEvent
-from loopgpt.server.runner import ModelRunner
+from loopgpt.server.engine import Adaptive, Engine, FinishEvent, ModelRunner, Request, TokenEvent
 
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 GREEDY = SamplingParams(temperature=0.0)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
+from loopgpt.server.engine import ModelRunner, PrefillChunk, Sample, StepPlan
 from loopgpt.server.inprocess import InProcess
-from loopgpt.server.runner import ModelRunner, PrefillChunk, Sample, StepPlan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"

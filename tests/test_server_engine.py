@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
-from loopgpt.server.engine import Engine, FinishEvent, NotAccepting, QueueFull, Request, TokenEvent
+from loopgpt.server.engine import Engine, FinishEvent, ModelRunner, NotAccepting, QueueFull, Request, TokenEvent
 from loopgpt.server.inprocess import InProcess
-from loopgpt.server.runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -178,7 +177,7 @@ def test_onnx_runner_plugs_into_the_engine(tiny_checkpoint, tmp_path, engine_par
     """`--backend onnx`: the export helper's runner, same call signature, same greedy tokens per loops."""
     pytest.importorskip("onnxruntime")
     export = pytest.importorskip("loopgpt.export.onnx_export")
-    from loopgpt.server.runner import load_backend
+    from loopgpt.server.engine import load_backend
 
     export.export_onnx(tiny_checkpoint, tmp_path / "onnx", verify=False)
     from loopgpt.export.runtime import load_onnx

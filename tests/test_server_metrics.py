@@ -18,7 +18,7 @@ import httpx
 import pytest
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.model.step import OUT_FIELDS
-from loopgpt.server.runner import ModelRunner, PrefillChunk, Sample, StepPlan
+from loopgpt.server.engine import ModelRunner, PrefillChunk, Sample, StepPlan
 from server_harness import free_port, post, running_server, samples
 
 ROOT = Path(__file__).resolve().parent.parent

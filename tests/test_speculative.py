@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
+from loopgpt.server.engine.speculation import SpecRequest
 from loopgpt.server.inprocess import InProcess
-from loopgpt.server.speculation import SpecRequest
 
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 GREEDY = SamplingParams(temperature=0.0)

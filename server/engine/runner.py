@@ -10,7 +10,7 @@ CUDA event that the engine waits on one step later, while the GPU already runs t
 Opt-in speedups (held here, never baked into the model): `compile` (torch.compile of the step) and
 `cuda_graphs` (one graph per batch/context bucket, replayed). Eager stays the reference.
 
-    python -c "from loopgpt.server.runner import load_backend; print(load_backend('checkpoints/demo'))"
+    python -c "from loopgpt.server.engine import ModelRunner; help(ModelRunner)"
 """
 
 from __future__ import annotations
@@ -20,66 +20,17 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
-from pathlib import Path
 from typing import Any
 
 import torch
-from loopgpt.model import KVCache, SamplingParams, Tokenizer, load_checkpoint, resolve_device, resolve_dtype
+from loopgpt.model import KVCache
 from loopgpt.model.adaptive import copy_exit_kv
 from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill
 
-
-class BackendError(ValueError):
-    """A backend or device that cannot be used; the message says what to do instead."""
-
-
-ONNX_MISSING = "--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'"
-
-
-@dataclass
-class Loaded:
-    """What `loopgpt serve` needs from a checkpoint, whatever the backend."""
-
-    model: Any  # a loopgpt.model.forward.LoopModel: LoopGPT or the ONNX runner
-    tokenizer: Tokenizer
-    evals: dict | None
-    name: str
-    device: str
-    dtype: torch.dtype = torch.float32
-    chat_template: str | None = None  # the checkpoint's chat_template.jinja (server/chat.py), if it has one
-
-
-def load_backend(checkpoint: str | Path, backend: str = "torch", device: str = "auto", dtype: str = "auto",
-                 onnx_loader: Callable | None = None) -> Loaded:
-    """Load a checkpoint (torch) or an export directory (onnx) for serving.
-
-    `onnx_loader` is `loopgpt.export.runtime.load_onnx`, handed in by the CLI: server/ does not import
-    export/ (parts meet only through model/)."""
-    name = Path(checkpoint).resolve().name
-    if backend == "torch":
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        model, tokenizer, evals = load_checkpoint(checkpoint, device=dev, dtype=dt)
-        return Loaded(model, tokenizer, evals, name, dev, dt, chat_template(checkpoint))
-    if backend == "onnx":
-        if onnx_loader is None:
-            raise BackendError(ONNX_MISSING)
-        if dtype not in ("auto", "float32"):
-            raise BackendError(f"--backend onnx runs the exported float32 graphs; --dtype {dtype} is torch-only")
-        runner, tokenizer, evals = onnx_loader(checkpoint)
-        return Loaded(runner, tokenizer, evals, name, "cpu", chat_template=chat_template(checkpoint))
-    raise BackendError(f"--backend must be torch or onnx, got {backend!r}")
-
-
-def chat_template(directory: str | Path) -> str | None:
-    """The text of a checkpoint's `chat_template.jinja` (read here, compiled by the server), or None."""
-    path = Path(directory) / "chat_template.jinja"
-    try:
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BackendError(f"{path}: cannot read the chat template ({e})") from e
+from .loading import BackendError
+from .plan import Fork, Pending, PrefillChunk, StepPlan
 
 
 def buckets(limit: int) -> list[int]:
@@ -97,85 +48,6 @@ def pad_to(n: int, sizes: list[int]) -> int:
 def ctx_bucket(n: int, max_len: int) -> int:
     """Keys a decode step reads: the next power of two >= n (at least 16), so shapes repeat."""
     return min(max_len, max(16, 1 << (n - 1).bit_length()))
-
-
-@dataclass
-class PrefillChunk:
-    row: int
-    ids: list[int]  # prompt tokens start .. start + len(ids) - 1
-    start: int
-    loops: int
-    targets: list[int] | None = None  # what each position predicts, with prompt scoring on
-    adaptive: tuple[float, int] | None = None  # loops "auto": (tolerance, min_loops); `loops` is the budget
-    scored: bool = False  # keep each target's log-probability and top alternatives (echo), see take_scores
-
-
-@dataclass
-class Sample:
-    """A lane to run the head on after this step's loop: sampling parameters, RNG position, what to do."""
-
-    src: int  # lane whose hidden state goes through the head
-    dst: int  # lane that receives the token (the next token's lane)
-    row: int  # cache row (for its prompt NLL)
-    params: SamplingParams
-    seed: int
-    counter: int  # index of the token being sampled in its request
-    mode: int = PLAIN  # PLAIN, DRAFT or VERIFY (model/step.py)
-    ban: bool = False  # the row's banned tokens (see ModelRunner.ban) may not be sampled for this token
-    top: bool = False  # report the top log-probabilities (the turn's head then computes them for every row)
-
-
-@dataclass
-class Fork:
-    """After this turn's prefill: copy the prompt (K/V at positions < length, hidden state, prompt NLL) of cache
-    row `src` to `rows`, so n choices of one prompt share its prefill."""
-
-    src: int
-    src_lane: int
-    rows: list[int]
-    lanes: list[int]
-    length: int
-
-
-@dataclass
-class StepPlan:
-    prefill: list[PrefillChunk] = field(default_factory=list)
-    lanes: list[int] = field(default_factory=list)  # decode entries, one loop each: lane, cache row, position, loop
-    rows: list[int] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    loop: list[int] = field(default_factory=list)  # 0-based loop index each entry runs now
-    samples: list[Sample] = field(default_factory=list)  # lanes through the head after this step
-    repeat: int = 1  # >1: the entries (listed `repeat` times, loops 0..repeat-1) run as consecutive steps
-    convergence: bool = False  # bring each entry's convergence value back (adaptive requests decide on it)
-    kv_copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, pos, exit loop, budget)
-    forks: list[Fork] = field(default_factory=list)  # prompts copied to further rows after the prefill
-
-    def entry(self, lane: int, row: int, pos: int, loop: int) -> int:
-        """Add a decode entry; returns its index (where its convergence value comes back)."""
-        self.lanes.append(lane)
-        self.rows.append(row)
-        self.pos.append(pos)
-        self.loop.append(loop)
-        return len(self.lanes) - 1
-
-
-@dataclass
-class Pending:
-    """Sampled tokens on their way back to the host."""
-
-    host: torch.Tensor  # (>= n, len(OUT_FIELDS) + TOP_FIELDS) float32, pinned on CUDA; the top only when asked
-    n: int
-    event: Any = None  # torch.cuda.Event, or None when the copy was synchronous
-    conv: torch.Tensor | None = None  # (>= entries,) float32: each decode entry's convergence value
-
-    def result(self) -> list[list[float]]:
-        if self.event is not None and not self.event.query():
-            self.event.synchronize()
-        return self.host[: self.n].tolist()
-
-    def convergence(self) -> list[float]:
-        self.result()  # the same event covers both copies
-        return [] if self.conv is None else self.conv.tolist()
 
 
 @dataclass

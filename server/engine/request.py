@@ -15,7 +15,7 @@ from typing import Any
 
 from loopgpt.model import SamplingParams, TextStream
 
-from .logprobs import PromptScores
+from ..logprobs import PromptScores
 from .speculation import SpecRequest, Speculation
 
 
@@ -80,6 +80,7 @@ class Request:
     max_loops: int | None = None  # the client's depth budget, as given (with loops "auto", `loops` is it)
     siblings: list[Request] = field(default_factory=list)  # further choices of this prompt (n > 1): admitted
     # together with it (all rows or none), their prompt copied from its prefill
+    rid: int = 0  # the request's id across the engine-process boundary (server/engine/wire.py)
     aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
     done: bool = False  # set by the engine once the FinishEvent is out
 

@@ -1,11 +1,12 @@
-"""Engine: one thread that owns the model runner and steps a continuous-depth batch.
+"""Engine: owns the model runner and steps a continuous-depth batch, in its own thread or driven by the engine
+process's loop (process.py).
 
 Each turn is `schedule -> run -> postprocess` (nano-vllm's step):
-- schedule (host only): retire aborted requests, admit waiting ones into free KV-cache rows, pick at most
+- schedule (host only, scheduler.py): retire aborted requests, admit waiting ones into free KV-cache rows, pick at most
   `prefill_chunk` prompt tokens to prefill (several prompts batched in one forward; a long prompt is spread
   over turns so running streams keep getting tokens), and advance every decoding row by ONE loop: a row
   at loop n of its token runs loop n now; a row at its last loop also samples its next token this turn.
-- run: the runner launches all of it without waiting for the device (`server/runner.py`).
+- run: the runner launches all of it without waiting for the device (runner.py).
 - postprocess: detokenize, stream, stop and retire the rows sampled one turn earlier (on a GPU the host
   does this while the device runs the next turn; on a CPU right away).
 
@@ -25,13 +26,14 @@ import threading
 import time
 from typing import Any
 
-from loopgpt.model import TextStream, Tokenizer, fresh_seed
-from loopgpt.model.step import DRAFT, OUT_FIELDS, PLAIN, VERIFY
+from loopgpt.model import Tokenizer
+from loopgpt.model.step import DRAFT, OUT_FIELDS, VERIFY
 
-from .logprobs import PromptScores, prompt_scores, top_pairs
+from ..logprobs import PromptScores, prompt_scores, top_pairs
+from .plan import HeadOut, Pending
 from .request import Adaptive, FinishEvent, Flight, Request, Row, Sampled, TokenEvent
-from .runner import Fork, ModelRunner, Pending, PrefillChunk, Sample, StepPlan
-from .speculation import Speculation
+from .runner import ModelRunner
+from .scheduler import Scheduler
 
 __all__ = ["Adaptive", "Engine", "FinishEvent", "NotAccepting", "PromptScores", "QueueFull", "Request",
            "TokenEvent"]
@@ -47,7 +49,7 @@ class NotAccepting(RuntimeError):
     """The engine is not running or is draining for shutdown (HTTP 503)."""
 
 
-class Engine:
+class Engine(Scheduler):
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 64,
                  metrics: Any = None, prompt_nll: float = 1.0, prefill_chunk: int = 128,
                  spec_batch_limit: int | None = None, cohorts: bool | None = None):
@@ -79,6 +81,7 @@ class Engine:
         self.depth = 1 if runner.cuda else 0
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.accepting = False  # set by start (a thread) or by the engine process's loop
         self.stopping = False
         self.drain_deadline: float | None = None
         self.steps = 0  # decode steps run (one loop each), for tests and logs
@@ -88,6 +91,7 @@ class Engine:
     # ---- called from the HTTP side (any thread) ----
 
     def start(self) -> None:
+        self.accepting = True
         self.thread = threading.Thread(target=self._loop, name="loopgpt-engine", daemon=True)
         self.thread.start()
 
@@ -98,7 +102,7 @@ class Engine:
         """Queue requests (each with its siblings) all or none: lower `priority` first, ties in arrival order."""
         assert all(1 + len(r.siblings) <= self.runner.max_batch for r in reqs), "a group larger than the batch"
         with self.cond:
-            if self.thread is None or self.stopping or self.drain_deadline is not None:
+            if not self.accepting or self.stopping or self.drain_deadline is not None:
                 raise NotAccepting("the server is not accepting requests (starting or shutting down); retry shortly")
             if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
@@ -135,22 +139,36 @@ class Engine:
 
     # ---- the engine thread ----
 
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
     def _loop(self) -> None:
         with self.runner.context():
             while True:
                 with self.cond:
-                    while not (self.stopping or self.waiting or self.rows or self.inflight):
+                    while not (self.stopping or self.busy()):
                         self.cond.wait(0.5)
                     if self.stopping:
                         break
-                try:
-                    self._turn()
-                except Exception:  # the forward failed (out of memory, a bug): end its batch, keep serving
-                    log.exception("engine step failed; aborting the requests in the batch")
-                    self.inflight.clear()
-                    for row in list(self.rows.values()):
-                        self._finish(row, "abort")
-                self._report()
+                self.step()
+        self.shutdown()
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows or self.inflight)
+
+    def step(self) -> None:
+        """One turn, whoever drives the engine (its thread, or the engine process's loop)."""
+        try:
+            self._turn()
+        except Exception:  # the forward failed (out of memory, a bug): end its batch, keep serving
+            log.exception("engine step failed; aborting the requests in the batch")
+            self.inflight.clear()
+            for row in list(self.rows.values()):
+                self._finish(row, "abort")
+        self._report()
+
+    def shutdown(self) -> None:
+        """Every request still here ends with finish_reason abort."""
         self.inflight.clear()
         for row in list(self.rows.values()):
             self._finish(row, "abort")
@@ -197,159 +215,6 @@ class Engine:
         for row in [r for r in self.rows.values() if r.req.aborted or past_deadline]:
             self._finish(row, "abort")
 
-    def _admit(self) -> None:
-        while self.free_rows:
-            with self.cond:
-                # A group (n choices) waits until all its rows are free; it keeps its place (no starving it).
-                if not self.waiting or len(self.free_rows) < 1 + len(self.waiting[0].siblings):
-                    return
-                req = self.waiting.popleft()
-            row = self._admit_one(req)
-            if self.metrics:
-                self.metrics.queued(req, time.perf_counter() - req.arrival)
-            row.children = [self._admit_one(sibling, row) for sibling in req.siblings]
-
-    def _admit_one(self, req: Request, fork_of: Row | None = None) -> Row:
-        index = self.free_rows.pop()
-        seed = fresh_seed() if req.seed is None else req.seed
-        eos = self.tokenizer.eot_token if req.eos_token is None else req.eos_token
-        spec = None
-        if req.speculative is not None and self.runner.lanes_per_row > 1:
-            spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
-        row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
-        row.scored = self._score_prompt() if fork_of is None else fork_of.scored
-        banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
-        if req.min_tokens and banned:
-            self.runner.ban(index, banned)
-            row.bans = True
-        return row
-
-    def _score_prompt(self) -> bool:
-        """Whether the next admitted prompt is scored for the prompt_nll metric: the first, then every
-        1/prompt_nll-th one (none at 0, all at 1)."""
-        self.nll_credit += self.prompt_nll
-        if self.nll_credit > 0:
-            self.nll_credit -= 1.0
-            return True
-        return False
-
-    def _held(self) -> set[int]:
-        """Depths whose cohort is inside a token: their rows waiting at loop 0 of a new token hold until it ends,
-        so that every row of a depth starts its tokens in the same step (at most loops - 1 steps of waiting, once).
-        Speculating and adaptive rows keep their own pace."""
-        if not self.cohorts:
-            return set()
-        return {r.req.loops for r in self.rows.values()
-                if r.decoding and r.spec is None and r.req.adaptive is None and any(f.loop > 0 for f in r.flights)}
-
-    def _schedule(self) -> tuple[StepPlan, list[Sampled]]:
-        """This turn's work, decided on the host alone: every token in flight advances one loop (a head after its
-        last loop, and after its draft loop when its request speculates), then prompt chunks fill the prefill
-        budget oldest first. Rows whose prompt completes sample their first token now and decode from the next
-        turn on."""
-        plan, sampled = StepPlan(), []
-        in_flight = sum(len(r.flights) for r in self.rows.values())
-        plan.repeat = self._lockstep()
-        held = self._held()
-        for _ in range(plan.repeat):
-            for row in self.rows.values():
-                if row.decoding and row.req.adaptive is not None:
-                    self._advance_adaptive(row, plan, sampled)
-                elif row.decoding and not (row.spec is None and row.req.loops in held
-                                           and all(f.loop == 0 for f in row.flights)):
-                    self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
-        for row in self.rows.values():  # exited tokens' K/V into their deeper slots, before this turn's step
-            plan.kv_copies.extend((row.index, pos, exit_loop, row.req.loops) for pos, exit_loop in row.copies)
-            row.copies.clear()
-        budget = self.prefill_chunk
-        for row in self.rows.values():
-            prompt = row.req.prompt_ids
-            if budget == 0 or row.prefilled == len(prompt) or row.fork_of is not None:
-                continue
-            start = row.prefilled
-            end = min(len(prompt), start + budget)
-            scored = row.req.prompt_logprobs is not None
-            targets = (prompt[start + 1:end + 1]) if row.scored or scored else None
-            adaptive = row.req.adaptive
-            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
-                                             None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
-                                             scored))
-            row.prefilled, budget = end, budget - (end - start)
-            if end == len(prompt):
-                self._start_decoding(row, plan, sampled)
-                self._fork(row, plan, sampled)
-        return plan, sampled
-
-    def _start_decoding(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
-        """The prompt is in the cache: its first token is sampled at this turn's head."""
-        n = len(row.req.prompt_ids)
-        self._head(row, plan, sampled, n - 1, PLAIN)
-        row.decided(n - 1)
-
-    def _fork(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
-        """n > 1: the further choices get a copy of the prompt just prefilled and sample their first tokens now."""
-        kids = [c for c in row.children if not c.req.done]
-        if not kids:
-            return
-        n, lane = len(row.req.prompt_ids), self.runner.lane
-        plan.forks.append(Fork(row.index, lane(row.index, n - 1), [c.index for c in kids],
-                               [lane(c.index, n - 1) for c in kids], n))
-        for child in kids:
-            child.prefilled = n
-            self._start_decoding(child, plan, sampled)
-
-    def _lockstep(self) -> int:
-        """Loops this turn may run back to back: all of them when every decoding row is one plain token at loop 0
-        of the same depth and nobody waits (no row could get a token sooner, no newcomer is held up), on a
-        runner whose steps are cheap to chain (eager, CPU); else 1. It saves the per-step host work that a
-        batch in lockstep gains nothing from (batch 1 above all)."""
-        if not self.runner.eager or self.runner.cuda or self.waiting:
-            return 1
-        rows = list(self.rows.values())
-        if not rows or any(not r.decoding or r.spec is not None or r.req.adaptive is not None
-                           or r.prefilled < len(r.req.prompt_ids) for r in rows):
-            return 1
-        if any(len(r.flights) != 1 or r.flights[0].loop != 0 for r in rows) or len({r.req.loops for r in rows}) != 1:
-            return 1
-        return rows[0].req.loops
-
-    def _advance(self, row: Row, plan: StepPlan, sampled: list[Sampled], drafting: bool) -> None:
-        """One loop for each of the row's tokens in flight, oldest first."""
-        n, spec = row.req.loops, row.spec
-        drafting = spec is not None and spec.active and (drafting or not spec.auto)
-        lane = self.runner.lane
-        for f in list(row.flights):  # a flight added below starts at the next step
-            plan.entry(lane(row.index, f.pos), row.index, f.pos, f.loop)
-            ran, f.loop = f.loop, f.loop + 1
-            if ran == n - 1:  # the token is through all its loops: its successor is decided now
-                row.flights.remove(f)
-                has_draft = any(g.pos == f.pos + 1 for g in row.flights)
-                self._head(row, plan, sampled, f.pos, VERIFY if has_draft else PLAIN, loops=n)
-                row.decided(f.pos, successor=not has_draft)
-            elif (drafting and ran == spec.k - 1 and f is row.flights[-1] and len(row.flights) <= spec.m
-                  and row.needed(f.pos + 1)):
-                self._head(row, plan, sampled, f.pos, DRAFT)  # the successor starts from this early guess
-                row.flights.append(Flight(f.pos + 1))
-
-    def _advance_adaptive(self, row: Row, plan: StepPlan, sampled: list[Sampled]) -> None:
-        """One loop of an adaptive request's token (`loops: "auto"`). From `min_loops` on, the head runs after every
-        loop as a candidate; the step's convergence value, read back with it, decides in postprocess whether the
-        token stops (the candidate is its token) or loops on (the candidate is dropped). At the budget it stops.
-        It waits for that verdict before its next loop (no wait on a CPU, one turn on a GPU)."""
-        if row.awaiting:
-            return
-        f = row.flights[0]
-        entry = plan.entry(self.runner.lane(row.index, f.pos), row.index, f.pos, f.loop)
-        ran, f.loop = f.loop, f.loop + 1
-        if ran == row.req.loops - 1:  # the budget: it stops here whatever its state
-            row.flights.remove(f)
-            self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1)
-            row.decided(f.pos)
-        elif ran + 1 >= row.req.adaptive.min_loops:
-            plan.convergence = True
-            self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1, entry=entry)
-            row.awaiting = True
-
     def _stopped(self, row: Row, s: Sampled, value: float) -> bool:
         """An adaptive candidate's verdict: stop the token after `s.loops` loops (its K/V copied deeper next turn,
         its successor started) or let it loop on."""
@@ -360,15 +225,6 @@ class Engine:
         row.copies.append((s.pos, s.loops - 1))
         row.decided(s.pos)
         return True
-
-    def _head(self, row: Row, plan: StepPlan, sampled: list[Sampled], pos: int, mode: int, loops: int = 0,
-              entry: int = -1) -> None:
-        """The head on the token at `pos` (its lane), its output token going to the lane of `pos + 1`."""
-        lane, counter = self.runner.lane, pos + 1 - len(row.req.prompt_ids)
-        plan.samples.append(Sample(lane(row.index, pos), lane(row.index, pos + 1), row.index, row.req.params,
-                                   row.seed, counter, mode, ban=row.bans and counter < row.req.min_tokens,
-                                   top=row.req.logprobs is not None))
-        sampled.append(Sampled(row, row.epoch, mode, pos, loops, entry))
 
     def _postprocess(self, sampled: list[Sampled], pending: Pending) -> None:
         """Deliver the tokens of one launched turn; a row whose output or text handling fails ends alone."""
@@ -384,7 +240,7 @@ class Engine:
                 row.sampled -= 1
                 continue
             if s.mode == VERIFY:
-                self._verified(row, s.pos, bool(out[5]))
+                self._verified(row, s.pos, bool(HeadOut(*out[:len(OUT_FIELDS)]).accepted))
             try:
                 self._deliver(row, out, now, s.loops)
             except (RuntimeError, ValueError, KeyError, IndexError, UnicodeError) as e:
@@ -407,11 +263,12 @@ class Engine:
             row.flights.append(Flight(pos + 1))
 
     def _deliver(self, row: Row, out: list[float], now: float, loops: int = 0) -> None:
-        token, nll, entropy, finite, prompt_nll_sum, _ = out[:len(OUT_FIELDS)]
+        head = HeadOut(*out[:len(OUT_FIELDS)])
+        token, nll, entropy = int(head.token), head.nll, head.entropy
         req = row.req
         if row.first_token_at is None and req.prompt_logprobs is not None and row.fork_of is None:
             row.prompt_scores = prompt_scores(self.runner.take_scores(row.index), req.prompt_logprobs)
-        if not finite:
+        if not head.finite:
             self._finish(row, "error", "the model produced non-finite logits for this request; try other "
                                        "sampling settings or fewer loops")
             return
@@ -419,7 +276,7 @@ class Engine:
             row.first_token_at = now
             n = len(req.prompt_ids)
             if row.scored and n > 1:
-                row.prompt_nll = prompt_nll_sum / (n - 1)
+                row.prompt_nll = head.prompt_nll / (n - 1)
                 if self.metrics:
                     self.metrics.prompt_scored(req, row.prompt_nll)
             if req.prompt_logprobs is not None:
@@ -437,7 +294,6 @@ class Engine:
             row.looped, row.loops_used = row.looped + 1, row.loops_used + loops
             if self.metrics:
                 self.metrics.looped(req, loops)
-        token = int(token)
         if token == row.eos or token in req.stop_token_ids:
             self._finish(row, "stop")
             return
