@@ -86,7 +86,8 @@ def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch
 def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
               temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
               counter: torch.Tensor, mode: torch.Tensor | None = None, random: bool = True,
-              filtered: bool = True, ban: torch.Tensor | None = None, top: bool = False) -> torch.Tensor:
+              filtered: bool = True, ban: torch.Tensor | None = None, top: bool = False,
+              entropy: bool = True) -> torch.Tensor:
     """ln_f + head + sampling for the hidden states of lanes `src` (Bh,); the token goes to lanes `dst`.
 
     `mode` (Bh,) per row (None: all PLAIN): PLAIN samples the next token; DRAFT samples a draft from an early
@@ -98,7 +99,8 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
 
     `ban` (Bh,) bool: those rows may not sample their cache row's `state.banned` tokens (min_tokens). With `top`,
     TOP_FIELDS more columns: the TOP_LOGPROBS largest log-probabilities and their ids. NLL, entropy and the top
-    are the model's own untempered distribution, before any ban (what OpenAI's logprobs report)."""
+    are the model's own untempered distribution, before any ban (what OpenAI's logprobs report). Without
+    `entropy` the entropy column is NaN (the metric is then sampled: see token_stats)."""
     logits = model.head(state.hidden[src][:, None])[:, 0].float()  # (Bh, V)
     finite = torch.isfinite(logits).all(dim=-1)
     logits = torch.where(finite[:, None], logits, 0.0)  # a broken row must not poison its batch mates' math
@@ -115,10 +117,10 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
         tokens = torch.where(mode == PLAIN, tokens, torch.where(mode == DRAFT, drafts, checked))
         accepted = accepted & (mode == VERIFY)
         state.draft_logits.index_copy_(0, dst, torch.where((mode == DRAFT)[:, None], logits, state.draft_logits[dst]))
-    nll, entropy = token_stats(raw, tokens)
+    nll, ent = token_stats(raw, tokens, entropy)
     state.tokens.index_copy_(0, dst, tokens)
     prompt_nll = state.prompt_nll[rows]
-    out = torch.stack([tokens.float(), nll, entropy, finite.float(), prompt_nll, accepted.float()], dim=-1)
+    out = torch.stack([tokens.float(), nll, ent, finite.float(), prompt_nll, accepted.float()], dim=-1)
     if not top:
         return out
     values, ids = torch.log_softmax(raw, dim=-1).topk(TOP_LOGPROBS, dim=-1)  # (Bh, k) each

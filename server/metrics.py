@@ -130,7 +130,8 @@ class ServerMetrics:
         if itl is not None:
             self.itl.labels(loops).observe(itl)
         self.token_nll.labels(loops).observe(nll)
-        self.token_entropy.labels(loops).observe(entropy)
+        if entropy == entropy:  # NaN: not computed for this token (sampled on a CPU, server/engine/runner.py)
+            self.token_entropy.labels(loops).observe(entropy)
 
     def looped(self, req: Any, loops: int) -> None:
         self.loops_per_token.labels("auto" if getattr(req, "adaptive", None) else "fixed").observe(loops)

@@ -170,3 +170,17 @@ def test_greedy_verification_is_the_argmax():
     tokens, accepted = verify(target, torch.randn(6, 30), draft, zero, k, one, k, k)
     assert tokens.tolist() == target.argmax(-1).tolist()
     assert accepted.tolist() == (target.argmax(-1) == draft).tolist()
+
+
+def test_token_stats_without_entropy_keeps_the_nll_and_marks_the_entropy_missing():
+    import torch
+    from loopgpt.model.sampling import token_stats
+
+    logits = torch.randn(4, 1000) * 3
+    tokens = torch.tensor([0, 5, 999, 17])
+    nll, entropy = token_stats(logits, tokens)
+    assert torch.allclose(nll, torch.nn.functional.cross_entropy(logits, tokens, reduction="none"), atol=1e-5)
+    p = logits.softmax(-1)
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-4)
+    cheap, none = token_stats(logits, tokens, entropy=False)
+    assert torch.allclose(cheap, nll, atol=1e-5) and none.isnan().all()

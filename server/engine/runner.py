@@ -136,6 +136,10 @@ class ModelRunner:
         self.d_conv = torch.zeros(entries, device=self.device)
         self.h_conv = [torch.zeros(entries, pin_memory=pin) for _ in range(2)]
         self.turn = 0
+        # The token_entropy metric is sampled on a CPU: one head call in 8 computes it (a log-softmax over the
+        # vocabulary costs as much as the head's matmul at 32 rows of GPT-2's vocabulary, scripts/head_cost.py);
+        # the NLL (one logsumexp) is always there, as the sampled token's logprob needs it. On a GPU: every call.
+        self.heads, self.entropy_every = 0, 1 if self.device.type == "cuda" else 8
         self.seconds = dict.fromkeys(("prefill", "decode", "head"), 0.0)
         self.slot_done: list[Any] = [None, None]  # per host slot: the event after its last copies
         self.graphs: dict[tuple, Any] = {}
@@ -237,8 +241,10 @@ class ModelRunner:
         filtered = any(s.params.filtered for s in samples)
         spec = any(s.mode != PLAIN for s in samples)
         ban, top = any(s.ban for s in samples), any(s.top for s in samples)
-        self._replay(("head", Bh, random, filtered, spec, ban, top),
-                     lambda: self._head(Bh, random, filtered, spec, ban, top))
+        entropy = self.heads % self.entropy_every == 0
+        self.heads += 1
+        self._replay(("head", Bh, random, filtered, spec, ban, top, entropy),
+                     lambda: self._head(Bh, random, filtered, spec, ban, top, entropy))
         self._clock("head", t)
         out = self.h_out[slot]
         out[:Bh].copy_(self.d_out[:Bh], non_blocking=True)
@@ -334,13 +340,13 @@ class ModelRunner:
         return out
 
     def _head_fn(self, Bh: int, random: bool, filtered: bool, spec: bool, ban: bool = False,
-                 top: bool = False) -> None:
+                 top: bool = False, entropy: bool = True) -> None:
         d, f = self.d_long, self.d_float
         width = len(OUT_FIELDS) + (TOP_FIELDS if top else 0)
         self.d_out[:Bh, :width] = head_step(self.model, self.state, d[H_SRC, :Bh], d[H_DST, :Bh], d[H_ROW, :Bh],
                                             f[TEMPERATURE, :Bh], d[TOP_K, :Bh], f[TOP_P, :Bh], d[SEED, :Bh],
                                             d[COUNTER, :Bh], d[MODE, :Bh] if spec else None, random, filtered,
-                                            d[BAN, :Bh] > 0 if ban else None, top)
+                                            d[BAN, :Bh] > 0 if ban else None, top, entropy)
 
     # ---- CUDA graphs ----
 
@@ -386,7 +392,9 @@ class ModelRunner:
         modes = [(r, f) for r, f in ((False, False), (True, False), (True, True))]
         specs = (False, True) if self.lanes_per_row > 1 else (False,)
         flags = [(b, t) for b in (False, True) for t in (False, True)]  # ban (min_tokens), top (logprobs)
-        keys += [("head", B, r, f, s, b, t) for B in self.sizes for r, f in modes for s in specs for b, t in flags]
+        entropy = (True, False) if self.entropy_every > 1 else (True,)
+        keys += [("head", B, r, f, s, b, t, e) for B in self.sizes for r, f in modes for s in specs for b, t in flags
+                 for e in entropy]
         for key in keys:
             if key[0] == "decode":
                 self._replay(key, lambda k=key: self._decode(k[1], k[2]))
