@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, SamplingParams, generate_tokens, load_checkpoint, resolve_dtype
 
+from .depths import depth_gain, mixed_loops
 from .runner import BUILTIN_PROMPTS
 from .timing import Row, interleaved, med, table
 
-MIXED_LOOPS = (1, 2, 4, 6)
 GREEDY = SamplingParams(temperature=0.0)
 NO_ENGINE = "the engine rows need the server extra: pip install 'loopgpt[server]'"
 
@@ -56,11 +56,6 @@ def bench_prompt(model: LoopGPT, tokenizer, n: int) -> list[int]:
     if room < 4:
         raise ValueError(f"--tokens {n} leaves no room for a prompt in a context of {model.config.block_size}")
     return ids[: min(32, room)]
-
-
-def depth_gain(mix: list[int]) -> float:
-    """The theoretical gain of a mixed-depth batch over padding it to its deepest: max / mean loops."""
-    return max(mix) / (sum(mix) / len(mix))
 
 
 def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, reps: int, compile: bool = False) -> Row:
@@ -108,8 +103,7 @@ def row_mixed(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], reps: i
     the same with every request at the deepest. With equal tokens per request the work per token is its
     loops, so the theoretical gain is max / mean loops (1.85x); continuous depth reaches it when a step costs
     the same whatever loops its rows stand at."""
-    cap = model.config.loop_cap
-    mix = [min(k, cap) for k in MIXED_LOOPS]
+    mix = mixed_loops(model.config.loop_cap)
     deep, theory = max(mix), depth_gain(mix)
     row = Row(2, f"closed loop, loops {mix} vs all {deep}, 32 rows", "tok/s", f"mixed loops {mix}",
               f"every request at loops {deep}", target=round(0.9 * theory, 2),
