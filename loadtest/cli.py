@@ -74,7 +74,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub, default_checkpoint: str) -> None:
     p = sub.add_parser("bench", help="throughput/latency ratios against the alternatives, measured in one run")
-    p.add_argument("--checkpoint", default=default_checkpoint, help="checkpoint directory")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="checkpoint directory; repeat it to run every row on each in turn, e.g. the demo and "
+                        f"`loopgpt bench-checkpoint`'s GPT-2-vocabulary one (default {default_checkpoint})")
+    p.set_defaults(default_checkpoint=default_checkpoint)
     p.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="which benchmark rows to run (default all)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per repetition (default 64)")
@@ -94,5 +97,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = {int(r) for r in args.rows.split(",") if r.strip()}
     except ValueError:
         raise ValueError(f"--rows takes numbers 1..9 separated by commas, got {args.rows!r}") from None
-    return run_bench(args.checkpoint, rows, args.reps, args.tokens, args.json, args.onnx, args.threads, args.dtype,
-                     args.engine, args.compile)
+    return run_bench(args.checkpoint or [args.default_checkpoint], rows, args.reps, args.tokens, args.json,
+                     args.onnx, args.threads, args.dtype, args.engine, args.compile)
