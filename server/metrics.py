@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 PREFIX = "loopgpt"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -31,6 +39,9 @@ class ServerMetrics:
         self.loop_cap = loop_cap
         self.trained = min(trained or loop_cap, loop_cap)  # depths pre-created at 0
         r, ns = self.registry, PREFIX
+        # process_cpu_seconds_total, resident memory, open fds (Linux): `loopgpt loadtest --sweep` reads the CPU
+        # seconds before and after each level to report the cores the server used
+        ProcessCollector(registry=r)
         per_loops = ["loops"]
         self.requests = Counter("requests", "HTTP requests by endpoint, loops and status code",
                                 ["endpoint", "loops", "code"], namespace=ns, registry=r)
