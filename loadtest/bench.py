@@ -14,6 +14,7 @@ in-process (`loopgpt.server.inprocess`, handed in by the CLI: loadtest/ imports 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,10 +26,10 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, SamplingParams, generate_tokens, load_checkpoint, resolve_dtype
 
+from .depths import depth_gain, mixed_loops
 from .runner import BUILTIN_PROMPTS
 from .timing import Row, interleaved, med, table
 
-MIXED_LOOPS = (1, 2, 4, 6)
 GREEDY = SamplingParams(temperature=0.0)
 NO_ENGINE = "the engine rows need the server extra: pip install 'loopgpt[server]'"
 
@@ -56,11 +57,6 @@ def bench_prompt(model: LoopGPT, tokenizer, n: int) -> list[int]:
     if room < 4:
         raise ValueError(f"--tokens {n} leaves no room for a prompt in a context of {model.config.block_size}")
     return ids[: min(32, room)]
-
-
-def depth_gain(mix: list[int]) -> float:
-    """The theoretical gain of a mixed-depth batch over padding it to its deepest: max / mean loops."""
-    return max(mix) / (sum(mix) / len(mix))
 
 
 def row_hf(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int, reps: int, compile: bool = False) -> Row:
@@ -108,8 +104,7 @@ def row_mixed(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], reps: i
     the same with every request at the deepest. With equal tokens per request the work per token is its
     loops, so the theoretical gain is max / mean loops (1.85x); continuous depth reaches it when a step costs
     the same whatever loops its rows stand at."""
-    cap = model.config.loop_cap
-    mix = [min(k, cap) for k in MIXED_LOOPS]
+    mix = mixed_loops(model.config.loop_cap)
     deep, theory = max(mix), depth_gain(mix)
     row = Row(2, f"closed loop, loops {mix} vs all {deep}, 32 rows", "tok/s", f"mixed loops {mix}",
               f"every request at loops {deep}", target=round(0.9 * theory, 2),
@@ -247,10 +242,11 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
 
 
-def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path: str | None,
+def run_bench(checkpoints: list[str], rows: set[int], reps: int, tokens: int, json_path: str | None,
               onnx_dir: str | None = None, threads: int = 1, dtype: str = "auto", engine: Any = None,
               compile: bool = False) -> int:
-    """`engine` is `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
+    """Every asked row on each checkpoint in turn (row 6 once: it brings its own model). `engine` is
+    `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
     unknown = rows - set(range(1, 10))
     if unknown:
         raise ValueError(f"--rows takes numbers 1..9, got {sorted(unknown)}")
@@ -258,44 +254,84 @@ def run_bench(checkpoint: str, rows: set[int], reps: int, tokens: int, json_path
         raise ValueError("--reps must be >= 1 and --tokens >= 2")
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
+    if onnx_dir is not None and len(checkpoints) > 1:
+        raise ValueError("--onnx names the export of one checkpoint; give a single --checkpoint with it")
     # Every contender gets the same thread count. On a shared machine several intra-op threads
     # fighting other processes for cores makes torch's CPU attention up to 15x slower (measured).
     torch.set_num_threads(threads)
     cpu_dtype = resolve_dtype(dtype, "cpu")
-    model, tokenizer, _ = load_checkpoint(checkpoint, dtype=cpu_dtype)
-    prompt = bench_prompt(model, tokenizer, tokens)
     info = machine()
-    print(f"checkpoint {checkpoint}: {model.num_params():,} parameters, {model.config.n_layer} layers x "
-          f"{model.config.inner_loops} inner, trained loops {model.config.max_loops}; prompt {len(prompt)} tokens, "
-          f"{tokens} decoded, {reps} reps; {info['processor']}, torch {info['torch']}, {info['threads']} threads, "
-          f"{str(cpu_dtype).removeprefix('torch.')} on the CPU", flush=True)
+    print(f"{info['processor']}, torch {info['torch']}, {info['threads']} threads, {dtype_name(cpu_dtype)} on the "
+          f"CPU; {tokens} tokens decoded, {reps} reps", flush=True)
     results: list[Row] = []
-    steps = [(1, lambda: row_hf(model, tokenizer, engine, prompt, tokens, reps, compile)),
-             (2, lambda: row_mixed(model, tokenizer, engine, prompt, reps, tokens)),
-             (3, lambda: _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine)),
-             (5, lambda: row_onnx(model, checkpoint, onnx_dir, prompt, tokens, reps)),
-             (6, lambda: _cuda_row(engine, reps, tokens, dtype)),
-             (7, lambda: row_prefill(model, tokenizer, engine, reps)),
-             (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens)),
-             (9, lambda: row_speculative(model, tokenizer, engine, prompt, reps, tokens))]
-    for number, fn in steps:
-        if number in rows or (number == 3 and 4 in rows):
-            out = fn()
-            results.extend(out if isinstance(out, list) else [out])
-            print(table(out if isinstance(out, list) else [out]), flush=True)
+    prompts: dict[str, int] = {}
+    for checkpoint in checkpoints:
+        got, prompts[checkpoint] = _checkpoint_rows(checkpoint, rows - {6}, reps, tokens, onnx_dir, cpu_dtype,
+                                                    engine, compile)
+        results.extend(got)
+    if 6 in rows:
+        cuda = _cuda_row(engine, reps, tokens, dtype)
+        results.append(cuda)
+        print(table([cuda]), flush=True)
     print("\n" + table(results))
     if json_path:
         info["load_average_1m_after"] = os.getloadavg()[0]
-        data = {"machine": info, "checkpoint": checkpoint, "prompt_tokens": len(prompt), "tokens": tokens,
+        data = {"machine": info, "checkpoints": checkpoints, "prompt_tokens": prompts, "tokens": tokens,
                 "reps": reps, "rows": [r.to_dict() for r in results]}
         Path(json_path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
-def _cuda_row(engine: Any, reps: int, tokens: int, dtype: str) -> Row:
-    from .bench_cuda import row_cuda
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    return row_cuda(engine, reps, tokens, resolve_dtype(dtype, "cuda"))
+
+def _checkpoint_rows(checkpoint: str, rows: set[int], reps: int, tokens: int, onnx_dir: str | None,
+                     cpu_dtype: torch.dtype, engine: Any, compile: bool) -> tuple[list[Row], int]:
+    """The CPU rows of one checkpoint, each labelled with it and its dtype; (rows, prompt tokens)."""
+    model, tokenizer, _ = load_checkpoint(checkpoint, dtype=cpu_dtype)
+    prompt = bench_prompt(model, tokenizer, tokens)
+    cfg = model.config
+    if engine is not None:  # the engine's cache and buffers at the weights' dtype (equal dtype in every row)
+        engine = functools.partial(engine, dtype=cpu_dtype)
+    print(f"\ncheckpoint {checkpoint}: {model.num_params():,} parameters, {cfg.n_layer} layers x {cfg.inner_loops} "
+          f"inner, trained loops {cfg.max_loops}, vocabulary {cfg.vocab_size:,}; prompt {len(prompt)} tokens",
+          flush=True)
+
+    def onnx() -> Row:
+        # the ONNX export runs float32, so its torch contender does too, whatever --dtype says
+        ref = model if cpu_dtype == torch.float32 else load_checkpoint(checkpoint, dtype=torch.float32)[0]
+        row = row_onnx(ref, checkpoint, onnx_dir, prompt, tokens, reps)
+        row.dtype = dtype_name(torch.float32)
+        return row
+
+    steps = [(1, lambda: row_hf(model, tokenizer, engine, prompt, tokens, reps, compile)),
+             (2, lambda: row_mixed(model, tokenizer, engine, prompt, reps, tokens)),
+             (3, lambda: _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine)),
+             (5, onnx),
+             (7, lambda: row_prefill(model, tokenizer, engine, reps)),
+             (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens)),
+             (9, lambda: row_speculative(model, tokenizer, engine, prompt, reps, tokens))]
+    results: list[Row] = []
+    for number, fn in steps:
+        if number in rows or (number == 3 and 4 in rows):
+            out = fn()
+            out = out if isinstance(out, list) else [out]
+            for row in out:
+                row.checkpoint = checkpoint
+                row.dtype = row.dtype or dtype_name(cpu_dtype)
+            results.extend(out)
+            print(table(out), flush=True)
+    return results, len(prompt)
+
+
+def _cuda_row(engine: Any, reps: int, tokens: int, dtype: str) -> Row:
+    from .bench_cuda import PRESET, row_cuda
+
+    cuda_dtype = resolve_dtype(dtype, "cuda")
+    row = row_cuda(engine, reps, tokens, cuda_dtype)
+    row.checkpoint, row.dtype = f"{PRESET} (random)", dtype_name(cuda_dtype)
+    return row
 
 
 def _http_rows(checkpoint, model, tokenizer, prompt, tokens, reps, rows, engine) -> list[Row]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, load_tokenizer, preset
 
-from .bench import MIXED_LOOPS, depth_gain
+from .depths import MIXED_LOOPS, depth_gain
 from .timing import Row, med
 
 MIXED = list(MIXED_LOOPS)

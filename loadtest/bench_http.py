@@ -39,12 +39,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(checkpoint: str, max_batch: int, threads: int, timeout: float = 180.0) -> Iterator[str]:
-    """A `loopgpt serve` subprocess on a free 127.0.0.1 port; yields its base URL, stops it after."""
+def serve(checkpoint: str, max_batch: int, threads: int, timeout: float = 180.0, dtype: str = "auto",
+          flags: tuple[str, ...] = ()) -> Iterator[str]:
+    """A `loopgpt serve` subprocess on a free 127.0.0.1 port (further `flags` appended); yields its base URL, stops
+    it after."""
     port = free_port()
     cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", "256",
-           "--shutdown-grace", "1", "--log-level", "warning", "--threads", str(threads)]
+           "--shutdown-grace", "1", "--log-level", "warning", "--threads", str(threads), "--dtype", dtype, *flags]
     # the server gets the same torch thread count as the in-process contenders
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -86,8 +88,9 @@ def http_rows(checkpoint: str, model: LoopGPT, tokenizer, prompt_ids: list[int],
     prompt = tokenizer.decode(prompt_ids)
     loops = model.config.max_loops
     threads = torch.get_num_threads()
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")  # the in-process contender's, for row 4
     out: list[Row] = []
-    with serve(checkpoint, max_batch=max(STREAMS), threads=threads) as url:
+    with serve(checkpoint, max_batch=max(STREAMS), threads=threads, dtype=dtype) as url:
         wave(url, prompt, loops, 1, n)  # warm-up, excluded
         if 3 in rows:
             out.append(row_streams(url, prompt, loops, n, reps))

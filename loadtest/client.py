@@ -22,15 +22,18 @@ REPLICA_HEADER = "x-loopgpt-replica"  # set by each replica behind a router (Ray
 
 
 def request_body(endpoint: str, prompt: str, loops: int, max_tokens: int, temperature: float,
-                 seed: int | None) -> tuple[str, dict, dict]:
+                 seed: int | None, ignore_eos: bool = False) -> tuple[str, dict, dict]:
     """(path, query params, JSON body) for one streamed request."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
     if seed is not None:
         body["seed"] = seed
+    if ignore_eos:  # every request then generates exactly max_tokens: equal work per request
+        body["ignore_eos"] = True
     if endpoint == "generate":
         return "/generate", {"loops": loops}, body
     if endpoint == "completions":
-        return "/v1/completions", {}, {**body, "loops": loops}  # no `model`: absent means the served one
+        # no `model`: absent means the served one; the usage chunk gives the token counts (prompt and completion)
+        return "/v1/completions", {}, {**body, "loops": loops, "stream_options": {"include_usage": True}}
     raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
 
 
@@ -59,7 +62,9 @@ def read_event(record: RequestRecord, event: dict, endpoint: str) -> bool:
         if usage.get("completion_tokens") is not None:
             record.tokens = int(usage["completion_tokens"])
             record.prompt_tokens = usage.get("prompt_tokens")
-        return not final and bool(choice.get("text"))
+        # one chunk per token, its text possibly empty (bytes of a character not yet complete); the usage chunk
+        # has no choice
+        return not final and bool(event.get("choices"))
     if "error" in event:  # an error after the stream began (the engine aborted the request)
         record.error = error_message(json.dumps(event).encode())
         return False
@@ -79,9 +84,9 @@ def read_event(record: RequestRecord, event: dict, endpoint: str) -> bool:
 
 async def send(client: httpx.AsyncClient, url: str, prompt: str, loops: int, max_tokens: int,
                temperature: float = 0.8, seed: int | None = None, endpoint: str = "generate",
-               start: float = 0.0) -> RequestRecord:
+               start: float = 0.0, ignore_eos: bool = False) -> RequestRecord:
     """Send one streamed request and time it; never raises for a server or network failure."""
-    path, params, body = request_body(endpoint, prompt, loops, max_tokens, temperature, seed)
+    path, params, body = request_body(endpoint, prompt, loops, max_tokens, temperature, seed, ignore_eos)
     record = RequestRecord(loops=loops, start=start, url=url)
     t0 = time.perf_counter()
     last = None

@@ -46,6 +46,7 @@ class LoadConfig:
     endpoint: str = "generate"
     seed: int = 0
     progress: bool = True
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (equal work per request)
 
     def __post_init__(self):
         if self.requests is None and self.duration is None:
@@ -69,7 +70,6 @@ class LoadConfig:
             raise ValueError("no prompts to send: the prompts file holds no text")
         if not self.loops_mix or any(n < 1 or w <= 0 for n, w in self.loops_mix.items()):
             raise ValueError("the loops mix needs loop counts >= 1 with positive weights, e.g. 1,2,4 or 1:3,6:1")
-
 
     @property
     def urls(self) -> list[str]:
@@ -135,7 +135,7 @@ async def _one(cfg: LoadConfig, client: httpx.AsyncClient, t0: float, prompt: st
     """Request number n (from 1), seeded cfg.seed + n; with several URLs they take turns (client-side balancing)."""
     urls = cfg.urls
     record = await send(client, urls[(n - 1) % len(urls)], prompt, loops, cfg.max_tokens, cfg.temperature,
-                        cfg.seed + n, cfg.endpoint, start=time.perf_counter() - t0)
+                        cfg.seed + n, cfg.endpoint, start=time.perf_counter() - t0, ignore_eos=cfg.ignore_eos)
     records.append(record)
     bar.update(1)
     if not record.ok:

@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 def repeat(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:
@@ -60,6 +61,8 @@ class Row:
     higher_is_better: bool = True
     skipped: str | None = None  # why the row did not run
     extra: dict = field(default_factory=dict)  # further measurements of the row (other baselines, ...)
+    checkpoint: str = ""  # what it ran on (a checkpoint directory, or the CUDA row's own preset)
+    dtype: str = ""  # the dtype every contender of the row ran at ("float32", "bfloat16", ...)
 
     @property
     def ratio(self) -> float | None:
@@ -85,18 +88,24 @@ def cell(xs: list[float]) -> str:
     return f"{med(xs):.3g} [{min(xs):.3g}-{max(xs):.3g}]"
 
 
+def on(row: Row) -> str:
+    """` on CHECKPOINT at DTYPE`, as far as the row knows them."""
+    where = f" on {Path(row.checkpoint).name or row.checkpoint}" if row.checkpoint else ""
+    return where + (f" at {row.dtype}" if row.dtype else "")
+
+
 def table(rows: list[Row]) -> str:
     head = f"{'#':>2}  {'comparison':<44}{'ours':>26}{'baseline':>26}{'ratio':>8}{'target':>8}  met"
     lines = [head]
     for r in rows:
         if r.skipped:
-            lines.append(f"{r.row:>2}  {r.name:<44}  skipped: {r.skipped}")
+            lines.append(f"{r.row:>2}  {r.name:<44}  skipped: {r.skipped}{on(r)}")
             continue
         target = f"{r.target:.2f}" if r.target is not None else "-"
         met = "-" if r.target is None or r.ratio is None else ("yes" if r.ratio >= r.target else "NO")
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"  # a row of measurements only (no contenders)
         lines.append(f"{r.row:>2}  {r.name:<44}{cell(r.ours):>26}{cell(r.base):>26}{ratio:>8}{target:>8}  {met}")
-        lines.append(f"{'':>4}{r.unit}: ours = {r.ours_label}; baseline = {r.base_label}")
+        lines.append(f"{'':>4}{r.unit}{on(r)}: ours = {r.ours_label}; baseline = {r.base_label}")
         for key, value in r.extra.items():
             lines.append(f"{'':>4}{key}: {value}")
     return "\n".join(lines)

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
     p.set_defaults(func=cmd_info)
 
+    from loopgpt.loadtest.bench_checkpoint import add_bench_checkpoint_parser
+
+    add_bench_checkpoint_parser(sub)
     optional(sub, "server", ["serve"], add_serve)
     optional(sub, "train", ["prepare", "train", "eval"], lambda s: __import__(
         "loopgpt.train.commands", fromlist=["add_parsers"]).add_parsers(s))

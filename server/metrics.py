@@ -42,6 +42,9 @@ class ServerMetrics:
         self.loop_cap = loop_cap
         self.trained = min(trained or loop_cap, loop_cap)  # depths pre-created at 0
         r, ns = self.registry, PREFIX
+        # process_cpu_seconds_total, resident memory, open fds (Linux): `loopgpt loadtest --sweep` reads the CPU
+        # seconds before and after each level to report the cores the server used
+        ProcessCollector(registry=r)
         per_loops = ["loops"]
         self.requests = Counter("requests", "HTTP requests by endpoint, loops and status code",
                                 ["endpoint", "loops", "code"], namespace=ns, registry=r)

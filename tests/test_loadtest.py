@@ -244,7 +244,8 @@ def real_server(tiny_checkpoint):
     """`loopgpt serve` on the tiny checkpoint, as a subprocess on a free 127.0.0.1 port."""
     from loopgpt.loadtest.bench_http import serve
 
-    with serve(str(tiny_checkpoint), max_batch=4, threads=1, timeout=120) as url:
+    # every prompt scored (the default samples a fraction), so that /generate's final event always has prompt_nll
+    with serve(str(tiny_checkpoint), max_batch=4, threads=1, timeout=120, flags=("--prompt-nll", "1")) as url:
         yield url
 
 
