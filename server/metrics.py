@@ -35,10 +35,7 @@ class ServerMetrics:
     def __init__(self, loop_cap: int, evals: dict | None = None, registry: CollectorRegistry | None = None,
                  trained: int | None = None):
         disable_created_metrics()  # prometheus_client's switch is process-wide; it must precede the series
-        if registry is None:  # the server's own: with the standard process_* series (CPU seconds, memory)
-            registry = CollectorRegistry()
-            ProcessCollector(registry=registry)
-        self.registry = registry
+        self.registry = registry or CollectorRegistry()
         self.loop_cap = loop_cap
         self.trained = min(trained or loop_cap, loop_cap)  # depths pre-created at 0
         r, ns = self.registry, PREFIX
