@@ -31,6 +31,7 @@ from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_
 
 from .loading import BackendError
 from .plan import Fork, Pending, PrefillChunk, StepPlan
+from .prefix_cache import PrefixCache
 
 
 def buckets(limit: int) -> list[int]:
@@ -102,7 +103,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, max_batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False, cuda_graphs: bool = False, max_loops: int | None = None,
-                 lanes_per_row: int = 1):
+                 lanes_per_row: int = 1, prefix_cache_bytes: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if cuda_graphs and torch.device(device).type != "cuda":
@@ -115,6 +116,9 @@ class ModelRunner:
         self.scratch_lane = max_batch * lanes_per_row
         # K/V slots for loops up to `max_loops` (default: the checkpoint's loop_cap); deeper requests are refused
         self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
+        # Prompt prefixes kept across requests; none with a KV budget, whose shared slots hold depth-specific K/V
+        self.prefix = (PrefixCache(self.cache, prefix_cache_bytes)
+                       if prefix_cache_bytes > 0 and self.config.kv_budget == 0 else None)
         vocab = self.config.vocab_size if lanes_per_row > 1 else 0
         self.state = StepState.allocate(self.scratch_lane + 1, max_batch + 1, self.config.n_embd, self.device, dtype,
                                         vocab, ban_vocab=self.config.vocab_size)
@@ -179,8 +183,13 @@ class ModelRunner:
 
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         t = time.perf_counter()
+        for row, blocks, loops in plan.prefix_loads:  # cached prefixes first: the suffixes' prefill reads them
+            self.prefix.load(row, blocks, loops)
         if plan.prefill:
             self._prefill(plan.prefill)
+        for row, ids, loops in plan.prefix_stores:
+            self.prefix.store(row, ids, loops)
+        if plan.prefill or plan.prefix_loads:
             t = self._clock("prefill", t)
         for fork in plan.forks:
             self._fork(fork)

@@ -74,11 +74,31 @@ class Scheduler:
             spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
         row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
         row.scored = self._score_prompt() if fork_of is None else fork_of.scored
+        if fork_of is None and not row.scored:
+            self._lookup(row)
         banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
         if req.min_tokens and banned:
             self.runner.ban(index, banned)
             row.bans = True
         return row
+
+    def _cacheable(self, req: Request) -> bool:
+        """Whether a request's prompt K/V are the prefix cache's to serve and keep: not an adaptive request's (its
+        tokens stop at their own loops), not with a KV budget (the runner then has no cache)."""
+        return self.runner.prefix is not None and req.adaptive is None
+
+    def _lookup(self, row: Row) -> None:
+        """A new prompt's longest cached prefix at its depth or deeper: its positions are not prefilled again.
+        Not for a scored prompt (its logprobs asked for, echo, or sampled for the prompt_nll metric): that prefill
+        must see every position."""
+        req = row.req
+        if not self._cacheable(req) or req.prompt_logprobs is not None:
+            return
+        blocks = self.runner.prefix.match(req.prompt_ids, req.loops)
+        row.cached = row.prefilled = sum(len(b.ids) for b in blocks)
+        row.load = blocks or None
+        if self.metrics:
+            self.metrics.prefix_cache_query(len(req.prompt_ids), row.cached)
 
     def _score_prompt(self) -> bool:
         """Whether the next admitted prompt is scored for the prompt_nll metric: the first, then every
@@ -127,11 +147,16 @@ class Scheduler:
             scored = row.req.prompt_logprobs is not None
             targets = (prompt[start + 1:end + 1]) if row.scored or scored else None
             adaptive = row.req.adaptive
+            if row.load:
+                plan.prefix_loads.append((row.index, row.load, row.req.loops))
+                row.load = None
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
                                              scored))
             row.prefilled, budget = end, budget - (end - start)
             if end == len(prompt):
+                if self._cacheable(row.req):
+                    plan.prefix_stores.append((row.index, prompt, row.req.loops))
                 self._start_decoding(row, plan, sampled)
                 self._fork(row, plan, sampled)
         return plan, sampled
