@@ -30,6 +30,8 @@ def add_loadtest_parser(sub) -> None:
     p.add_argument("--loops", default="1", help="loops mix: 1,2,4,6 or weighted 1:3,6:1 (default 1)")
     p.add_argument("--prompts", default=None, help="text file split into documents (default: built-in prompts)")
     p.add_argument("--prompt-chars", type=int, default=400, help="cut each prompt to this many characters")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="every prompt starts with the same N tokens (a prefix cache's case; default 0: none)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--endpoint", choices=ENDPOINTS, default="generate", help="/generate or /v1/completions")
@@ -44,10 +46,14 @@ def add_loadtest_parser(sub) -> None:
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from .report import plot, replica_table, table, write_json
-    from .runner import BUILTIN_PROMPTS, LoadConfig, load_prompts, parse_loops_mix, run_load
+    from .runner import BUILTIN_PROMPTS, LoadConfig, load_prompts, parse_loops_mix, run_load, with_shared_prefix
     from .stats import summarize_by_loops
 
     prompts = load_prompts(args.prompts, args.prompt_chars) if args.prompts else list(BUILTIN_PROMPTS)
+    if args.shared_prefix < 0:
+        raise ValueError(f"--shared-prefix must be >= 0 tokens, got {args.shared_prefix}")
+    if args.shared_prefix:
+        prompts = with_shared_prefix(args.url[0].split(",")[0], prompts, args.shared_prefix, args.api_key)
     cfg = LoadConfig(url=",".join(args.url), loops_mix=parse_loops_mix(args.loops), prompts=prompts,
                      max_tokens=args.max_tokens, temperature=args.temperature, concurrency=args.concurrency,
                      rate=args.rate, requests=args.requests, duration=args.duration, timeout=args.timeout,
