@@ -129,7 +129,8 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
 
 def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
             starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None,
-            adaptive: tuple[float, int] | None = None, scores: list[torch.Tensor] | None = None) -> torch.Tensor:
+            adaptive: tuple[float, int] | None = None, scores: list[torch.Tensor] | None = None,
+            states: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Append prompt chunks (several prompts in one padded forward, each at its own depth) to their cache
     rows; returns each chunk's last hidden state (P, C).
 
@@ -139,7 +140,8 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     `scores` (a list) too, the per-position table (P, T, 1 + TOP_FIELDS) float32 is appended to it: each target's
     log-probability, then the TOP_LOGPROBS largest log-probabilities and their ids (echo's prompt logprobs). With
     `adaptive` (tolerance, min_loops), every prompt token stops looping on its own (`adaptive_hidden`, the same
-    policy the decode step follows), within the budget max(loops)."""
+    policy the decode step follows), within the budget max(loops). With `states` (a list), every position's hidden
+    state after its last loop (P, T, C) is appended to it (what a prefix cache keeps to run deeper loops later)."""
     dev = state.prompt_nll.device
     P, T = len(chunks), max(len(c) for c in chunks)
     limit = cache.max_len - 1
@@ -154,6 +156,8 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     else:
         x = adaptive_hidden(model, idx, adaptive[0], max(loops), adaptive[1], SERVING_MEASURE, cache, row_t, pos,
                             write, scratch)[0]
+    if states is not None:
+        states.append(x)
     last = x[torch.arange(P, device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]  # (P, C)
     fresh = [r for r, s in zip(rows, starts, strict=True) if s == 0]
     if fresh:

@@ -1,6 +1,6 @@
 """The depth-aware prefix cache (server/engine/prefix_cache.py): a prompt prefix computed at depth D serves requests at
-any depth up to D with the tokens and logprobs they get without it; deeper requests recompute and replace it; it never
-serves across adaptive or KV-budget settings, and never exceeds its memory.
+any depth with the tokens and logprobs they get without it (deeper ones run only the missing loops, and their blocks
+replace the shallower); it never serves across adaptive or KV-budget settings, and never exceeds its memory.
 
     python -m pytest tests/test_prefix_cache.py -q
 """
@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+from loopgpt.loadtest.runner import with_shared_prefix
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.server.engine import Adaptive, Engine, FinishEvent, ModelRunner, Request, SpecRequest, TokenEvent
 from loopgpt.server.engine.prefix_cache import BLOCK, chain
@@ -54,6 +55,8 @@ class Checked(ModelRunner):
         super().free(row)
         self.cache.k[:, row].normal_(0, 3)
         self.cache.v[:, row].normal_(0, 3)
+        if self.prefix is not None:
+            self.prefix.states[row].normal_(0, 3)
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +111,37 @@ def ask(ids: list[int], loops: int, **kw) -> dict:
                 logprobs=5, **kw)
 
 
-def test_a_prefix_serves_every_depth_up_to_its_own_and_a_deeper_one_replaces_it(parts, prefix):
+def test_a_prefix_serves_every_depth_and_a_deeper_one_replaces_it(parts, prefix):
     model, tokenizer = parts
     tail = [tokenizer.encode(s) for s in (" Her mom smiled.", " The end.", " One day she saw a dog.")]
     other = tokenizer.encode("Lily ran and kicked the ball high into the sky, and her mom said yes, she can play.")
     reqs = [ask(prefix + tail[0], 6), ask(prefix + tail[1], 2), ask(prefix + tail[2], 6),  # cached at 6: 2 and 6
-            ask(other, 2), ask(other + tail[0], 6), ask(other + tail[1], 2), ask(other + tail[2], 6)]  # at 2, then 6
+            ask(other, 2), ask(other + tail[0], 6), ask(other + tail[1], 2), ask(other + tail[2], 6)]  # at 2: 6 and 2
     got, runner = serve(model, tokenizer, reqs, MB)
     want, _ = serve(model, tokenizer, reqs, 0)
     same(got, want)
     full = len(other) // BLOCK * BLOCK
-    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 2 * BLOCK, 0, 0, full, full]
+    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 2 * BLOCK, 0, full, full, full]
     assert [g[0].final.cached_tokens for g in want] == [0] * len(reqs)
     keys = [key for key, _, _ in chain(other)]
-    assert {runner.prefix.blocks[k].depth for k in keys} == {6}  # the depth-6 prefill replaced the depth-2 blocks
+    assert {runner.prefix.blocks[k].depth for k in keys} == {6}  # the depth-6 request replaced the depth-2 blocks
+
+
+def test_blocks_of_several_depths_in_one_prefix(parts, prefix):
+    """Two blocks cached at 6, the next at 2 (a longer prompt served at 2), then the longer prompt at 4: the first
+    two give their 4 loops, the third runs loops 2 and 3 from its kept states; then at 6, loops 4 and 5 from the
+    states that run left."""
+    model, tokenizer = parts
+    more = tokenizer.encode(" Her mom smiled and said yes. Lily ran and kicked the ball high into the sky.")[:BLOCK]
+    assert len(more) == BLOCK
+    ends = [tokenizer.encode(s) for s in (" The end.", " Yes.", " No.")]
+    reqs = [ask(prefix + ends[0], 6), ask(prefix + more + ends[1], 2), ask(prefix + more + ends[2], 4),
+            ask(prefix + more + ends[0], 6)]
+    got, runner = serve(model, tokenizer, reqs, MB)
+    want, _ = serve(model, tokenizer, reqs, 0)
+    same(got, want)
+    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 3 * BLOCK, 3 * BLOCK]
+    assert [runner.prefix.blocks[k].depth for k, _, _ in chain(prefix + more)] == [6, 6, 6]
 
 
 def test_n_choices_and_speculation_from_a_cached_prefix(parts, prefix):
@@ -199,6 +219,9 @@ def test_openai_usage_reports_cached_tokens(tiny_checkpoint, prefix, parts):
         assert second["choices"][0]["text"] == first["choices"][0]["text"]
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "loopgpt_prefix_cache_hits_total" in metrics
+        shared = with_shared_prefix(url, ["The dog ran.", "Lily saw a bird."], 20)  # loadtest --shared-prefix 20
+        ids = [httpx.post(f"{url}/tokenize", json={"prompt": p}, timeout=10).json()["tokens"] for p in shared]
+        assert ids[0][:19] == ids[1][:19] and ids[0] != ids[1]
     with running_server(tiny_checkpoint, max_batch=1, engine="thread", prompt_nll=0.0, prefix_cache=False) as (url, _):
         again = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}

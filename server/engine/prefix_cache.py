@@ -4,7 +4,9 @@ A prompt is cut into blocks of BLOCK tokens, each keyed by a hash chain (its par
 vLLM does), so a block's key names the whole prefix up to its end. An entry holds the block's K/V of every loop slot
 its prefix was prefilled at: the K/V of loop n of a token depend only on loops <= n of it and the tokens before it,
 so a block computed at depth D holds exactly what a request at any depth L <= D needs (its first L loops' slots).
-A request deeper than every entry of its prefix recomputes the prompt, and the deeper blocks replace the shallower.
+An entry also keeps its tokens' hidden states after loop D - 1: a request deeper than D runs only loops D .. L - 1
+of those tokens from them (as one more forward of the prefix, at admission), and its deeper blocks then replace the
+shallower ones.
 
 Entries are copied out of a row's KV cache when its prompt's prefill completes and copied into a new row at
 admission (docs/architecture.md says why a copy and not a paged pool); memory is bounded (`capacity` bytes),
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from loopgpt.model import KVCache
+from loopgpt.model.kv_cache import CacheAccess, position_mask
 
 BLOCK = 16  # prompt tokens per block
 ROOT = 0  # the parent key of a prompt's first block
@@ -38,10 +41,11 @@ class Block:
     depth: int  # loops the prefix was computed at: K/V of loops < depth are here
     k: torch.Tensor  # (slots(depth), H, BLOCK, D)
     v: torch.Tensor
+    h: torch.Tensor  # (BLOCK, C) each token's hidden state after loop depth - 1
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + self.h.nbytes
 
 
 def chain(ids: list[int]) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -62,30 +66,58 @@ class PrefixCache:
         self.used = 0
         self.blocks: collections.OrderedDict[int, Block] = collections.OrderedDict()  # least recently used first
         self.per_loop = cache.config.n_layer * cache.config.inner_loops  # slots of one loop: loop n's are contiguous
+        k = cache.k
+        # Each row's prompt states after its last loop, kept from its prefill until its blocks are stored
+        self.states = torch.zeros(cache.batch_size, cache.max_len, cache.config.n_embd, device=k.device,
+                                  dtype=k.dtype)
 
     def block_bytes(self, depth: int) -> int:
         k = self.cache.k
-        return 2 * depth * self.per_loop * k.shape[2] * BLOCK * k.shape[4] * k.element_size()
+        return (2 * depth * self.per_loop * k.shape[2] * k.shape[4] + self.states.shape[2]) * BLOCK * k.element_size()
+
+    def keep(self, row: int, start: int, states: torch.Tensor) -> None:
+        """A prefill chunk's hidden states (T, C) after its last loop, at positions start.. of `row`."""
+        self.states[row, start:start + len(states)] = states
 
     def match(self, ids: list[int], loops: int) -> list[Block]:
-        """The longest run of cached blocks starting `ids` computed at `loops` or deeper, leaving at least the last
-        prompt token to prefill (its hidden state samples the first token); marked as just used."""
+        """The longest run of cached blocks starting `ids`, leaving at least the last prompt token to prefill (its
+        hidden state samples the first token); marked as just used. Blocks computed shallower than `loops` must
+        share one depth (their deeper loops run together from their kept states, see `load`)."""
         out: list[Block] = []
+        shallow = None
         for key, parent, block in chain(ids[:len(ids) - 1]):
             entry = self.blocks.get(key)
-            if entry is None or entry.parent != parent or entry.ids != block or entry.depth < loops:
+            if entry is None or entry.parent != parent or entry.ids != block:
                 break
+            if entry.depth < loops:
+                if shallow not in (None, entry.depth):
+                    break
+                shallow = entry.depth
             out.append(entry)
         for entry in reversed(out):  # the first block ends up the most recent: leaves are evicted before roots
             self.blocks.move_to_end(entry.key)
         return out
 
-    def load(self, row: int, blocks: list[Block], loops: int) -> None:
-        """Copy the K/V of loops < `loops` of `blocks` into positions 0.. of cache row `row` (on the device)."""
-        slots = loops * self.per_loop
-        length = len(blocks) * BLOCK
-        self.cache.k[:slots, row, :, :length] = torch.cat([b.k[:slots] for b in blocks], dim=2)
-        self.cache.v[:slots, row, :, :length] = torch.cat([b.v[:slots] for b in blocks], dim=2)
+    def load(self, model, row: int, blocks: list[Block], loops: int) -> None:
+        """Positions 0.. of cache row `row` get the K/V of loops < `loops` of `blocks` (on the device). Blocks
+        computed shallower (at one depth D) get theirs for loops < D, then run loops D .. loops - 1 from their kept
+        states in one forward (each position reads its row's keys of that loop, as a prefill does)."""
+        deep = []
+        for i, b in enumerate(blocks):
+            slots, span = min(b.depth, loops) * self.per_loop, slice(i * BLOCK, (i + 1) * BLOCK)
+            self.cache.k[:slots, row, :, span] = b.k[:slots]
+            self.cache.v[:slots, row, :, span] = b.v[:slots]
+            if b.depth < loops:
+                deep.append(i)
+        if not deep:
+            return
+        dev = self.states.device
+        pos = torch.tensor([[i * BLOCK + t for i in deep for t in range(BLOCK)]], device=dev)  # (1, T)
+        x = torch.cat([blocks[i].h for i in deep])[None]  # (1, T, C)
+        rows, ctx = torch.tensor([row], device=dev), (deep[-1] + 1) * BLOCK
+        for n in range(blocks[deep[0]].depth, loops):
+            x = model.loop_body(x, n, CacheAccess(self.cache, n, rows, rows, pos, ctx, position_mask(pos, ctx)))
+        self.states[row, pos[0]] = x[0]  # what the row's deeper blocks keep when they are stored
 
     def store(self, row: int, ids: list[int], loops: int) -> None:
         """Keep the full blocks of the prompt `ids` just prefilled at `loops` in cache row `row`: those not cached
@@ -110,7 +142,7 @@ class PrefixCache:
             span = slice(i * BLOCK, (i + 1) * BLOCK)
             k = self.cache.k[:slots, row, :, span].clone()
             v = self.cache.v[:slots, row, :, span].clone()
-            self.blocks[key] = Block(key, parent, block, loops, k, v)
+            self.blocks[key] = Block(key, parent, block, loops, k, v, self.states[row, span].clone())
             self.used += size
         for key, _, _ in reversed(blocks):  # as `match` leaves them: the first block the most recent
             self.blocks.move_to_end(key)

@@ -184,7 +184,7 @@ class ModelRunner:
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         t = time.perf_counter()
         for row, blocks, loops in plan.prefix_loads:  # cached prefixes first: the suffixes' prefill reads them
-            self.prefix.load(row, blocks, loops)
+            self.prefix.load(self.model, row, blocks, loops)
         if plan.prefill:
             self._prefill(plan.prefill)
         for row, ids, loops in plan.prefix_stores:
@@ -291,9 +291,12 @@ class ModelRunner:
             targets = [c.targets or [] for c in group] if any(c.targets for c in group) else None
             rows = [c.row for c in group]
             scores: list[torch.Tensor] | None = [] if any(c.scored and c.targets for c in group) else None
+            states: list[torch.Tensor] | None = [] if self.prefix is not None and not adaptive else None
             last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in group],
                            [c.start for c in group], [c.loops for c in group], self.scratch, targets,
-                           group[0].adaptive if adaptive else None, scores)
+                           group[0].adaptive if adaptive else None, scores, states)
+            for i, c in enumerate(group if states else ()):
+                self.prefix.keep(c.row, c.start, states[0][i, :len(c.ids)])
             for i, c in enumerate(group):
                 if scores and c.scored and c.targets:
                     # on its way to the host with the turn's other outputs (pinned, asynchronous on CUDA)
