@@ -144,6 +144,28 @@ def test_blocks_of_several_depths_in_one_prefix(parts, prefix):
     assert [runner.prefix.blocks[k].depth for k, _, _ in chain(prefix + more)] == [6, 6, 6]
 
 
+def test_requests_queued_together_wait_for_their_common_prefix(parts, prefix):
+    """Three prompts with one prefix submitted at once (lm-eval's choices of one context): the first prefills it,
+    the others wait for its blocks and prefill only their own ends."""
+    model, tokenizer = parts
+    ends = [tokenizer.encode(s) for s in (" The end.", " Her mom smiled.", " She ran.")]
+    reqs = [ask(prefix + e, 4) for e in ends]
+    got, want = [], []
+    for cache_bytes, out in ((MB, got), (0, want)):
+        engine = Engine(Checked(model, max_batch=4, prefix_cache_bytes=cache_bytes), tokenizer, prompt_nll=0.0)
+        events = [Events() for _ in reqs]
+        engine.start()
+        try:
+            with engine.cond:  # all queued before the engine looks
+                for r, e in zip(reqs, events, strict=True):
+                    engine.submit(Request(emit=e, eos_token=-1, **r))
+            out.extend([e.wait()] for e in events)
+        finally:
+            engine.stop()
+    same(got, want)
+    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 2 * BLOCK]
+
+
 def test_n_choices_and_speculation_from_a_cached_prefix(parts, prefix):
     model, tokenizer = parts
     warm = ask(prefix + tokenizer.encode(" The end."), 4)

@@ -124,6 +124,7 @@ class Row:
     prompt_scores: PromptScores | None = None  # echo: the prompt's logprobs, once its prefill is back
     cached: int = 0  # prompt tokens served from the prefix cache
     load: list[Any] | None = None  # their cached blocks, copied into the row with its first prefill chunk
+    keys: set[int] | None = None  # a cacheable prompt's block keys (prefix_cache.chain), for requests that wait on it
 
     @property
     def decoding(self) -> bool:

@@ -19,6 +19,7 @@ from loopgpt.model import TextStream, fresh_seed
 from loopgpt.model.step import DRAFT, PLAIN, VERIFY
 
 from .plan import Fork, PrefillChunk, Sample, StepPlan
+from .prefix_cache import chain
 from .request import Flight, Request, Row, Sampled
 from .speculation import Speculation
 
@@ -52,7 +53,7 @@ class Scheduler:
                 # queue only until half the rows are free, not all of them.
                 cap = max(1, self.runner.max_batch // 2) if others else len(group)
                 take = min(len(group), cap)
-                if len(self.free_rows) < take:
+                if len(self.free_rows) < take or self._behind(req):
                     return
                 self.waiting.popleft()
                 if take < len(group):
@@ -74,7 +75,7 @@ class Scheduler:
             spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
         row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
         row.scored = self._score_prompt() if fork_of is None else fork_of.scored
-        if fork_of is None and not row.scored:
+        if fork_of is None:
             self._lookup(row)
         banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
         if req.min_tokens and banned:
@@ -87,12 +88,33 @@ class Scheduler:
         tokens stop at their own loops), not with a KV budget (the runner then has no cache)."""
         return self.runner.prefix is not None and req.adaptive is None
 
+    def _behind(self, req: Request) -> bool:
+        """Whether `req` waits for a prompt still being prefilled that starts like it (beyond what is cached): that
+        prompt's blocks are kept when its prefill completes, a turn or a few later, and `req` then prefills only the
+        rest. The prefill budget goes oldest prompt first, so `req` would hardly have started its own sooner; requests
+        queued together with a common prefix (lm-eval's choices of one context, a load test's first wave) compute it
+        once."""
+        if not self._cacheable(req) or req.prompt_logprobs is not None:
+            return False
+        filling = [r.keys for r in self.rows.values() if r.keys and r.prefilled < len(r.req.prompt_ids)]
+        if not filling:
+            return False
+        cached = self.runner.prefix.blocks
+        for key, _, _ in chain(req.prompt_ids[:len(req.prompt_ids) - 1]):
+            entry = cached.get(key)
+            if entry is None or entry.depth < req.loops:
+                return any(key in keys for keys in filling)
+        return False
+
     def _lookup(self, row: Row) -> None:
         """A new prompt's longest cached prefix at its depth or deeper: its positions are not prefilled again.
         Not for a scored prompt (its logprobs asked for, echo, or sampled for the prompt_nll metric): that prefill
         must see every position."""
         req = row.req
-        if not self._cacheable(req) or req.prompt_logprobs is not None:
+        if not self._cacheable(req):
+            return
+        row.keys = {key for key, _, _ in chain(req.prompt_ids)}  # kept when its prefill completes (see _behind)
+        if req.prompt_logprobs is not None or row.scored:
             return
         blocks = self.runner.prefix.match(req.prompt_ids, req.loops)
         row.cached = row.prefilled = sum(len(b.ids) for b in blocks)
