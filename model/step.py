@@ -163,16 +163,26 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     if fresh:
         state.prompt_nll[torch.tensor(fresh, device=dev)] = 0.0
     if targets is not None and any(targets):
-        # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
-        tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=dev)  # (P, T); -1 is ignored
-        logits = model.head(x).float()  # (P, T, V)
-        if scores is None:
-            nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
-        else:  # one log-softmax serves the sum and the per-position table
-            logp = torch.log_softmax(logits, dim=-1)  # (P, T, V)
-            picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (P, T)
-            nll = torch.where(tgt >= 0, -picked, 0.0)
-            values, ids = logp.topk(TOP_LOGPROBS, dim=-1)  # (P, T, k) each
-            scores.append(torch.cat([picked[..., None], values, ids.float()], dim=-1))  # (P, T, 1 + 2k)
-        state.prompt_nll.index_add_(0, row_t, nll.sum(dim=1))
+        score_states(model, state, x, targets, row_t, scores)
     return last
+
+
+def score_states(model: LoopModel, state: StepState, x: torch.Tensor, targets: list[list[int]], rows: torch.Tensor,
+                 scores: list[torch.Tensor] | None = None) -> None:
+    """Score prompt positions from their last loop's hidden states x (P, T, C) against `targets` (one list per row,
+    at most T each): their NLL is added to `state.prompt_nll` of cache rows `rows` (P,), and with `scores` the
+    per-position table is appended to it (see `prefill`, which scores its chunks with this; a prefix cache scores
+    its cached positions from their kept states with it too)."""
+    # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
+    T = x.shape[1]
+    tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=x.device)  # (P, T); -1 is ignored
+    logits = model.head(x).float()  # (P, T, V)
+    if scores is None:
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
+    else:  # one log-softmax serves the sum and the per-position table
+        logp = torch.log_softmax(logits, dim=-1)  # (P, T, V)
+        picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (P, T)
+        nll = torch.where(tgt >= 0, -picked, 0.0)
+        values, ids = logp.topk(TOP_LOGPROBS, dim=-1)  # (P, T, k) each
+        scores.append(torch.cat([picked[..., None], values, ids.float()], dim=-1))  # (P, T, 1 + 2k)
+    state.prompt_nll.index_add_(0, rows, nll.sum(dim=1))

@@ -15,6 +15,7 @@ from loopgpt.loadtest.runner import with_shared_prefix
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.server.engine import Adaptive, Engine, FinishEvent, ModelRunner, Request, SpecRequest, TokenEvent
 from loopgpt.server.engine.prefix_cache import BLOCK, chain
+from loopgpt.server.logprobs import PromptScores
 from loopgpt.server.metrics import ServerMetrics
 from prometheus_client import CollectorRegistry
 from server_harness import running_server
@@ -27,10 +28,13 @@ class Events:
     def __init__(self):
         self.tokens: list[TokenEvent] = []
         self.final: FinishEvent | None = None
+        self.prompt: PromptScores | None = None
         self.done = threading.Event()
 
     def __call__(self, ev) -> None:
-        if isinstance(ev, TokenEvent):
+        if isinstance(ev, PromptScores):
+            self.prompt = ev
+        elif isinstance(ev, TokenEvent):
             self.tokens.append(ev)
         elif isinstance(ev, FinishEvent):
             self.final = ev
@@ -199,6 +203,39 @@ def test_eviction_under_a_tiny_budget_keeps_the_cache_within_it(parts, prefix):
     assert runner.prefix.used == 3 * size
 
 
+def test_scored_prompts_are_scored_from_the_cache_at_their_own_depth(parts, prefix):
+    """Echo's prompt logprobs and the prompt_nll metric from a cached prefix: its positions are scored from their
+    states after the request's last loop (kept at that depth, or run deeper at admission); a prefix cached deeper than
+    the request cannot score it and is not used."""
+    model, tokenizer = parts
+    ends = [tokenizer.encode(s) for s in (" The end.", " Her mom smiled.", " She ran.", " Yes.")]
+    reqs = [ask(prefix + ends[0], 3), ask(prefix + ends[1], 3, prompt_logprobs=5), ask(prefix + ends[2], 5),
+            ask(prefix + ends[3], 3, prompt_logprobs=2)]
+    got, want = [], []
+    for cache_bytes, out in ((MB, got), (0, want)):
+        runner = Checked(model, max_batch=4, prefix_cache_bytes=cache_bytes)
+        engine = Engine(runner, tokenizer, prompt_nll=1.0)  # every prompt scored for the prompt_nll metric
+        engine.start()
+        try:
+            for r in reqs:
+                events = Events()
+                engine.submit(Request(emit=events, eos_token=-1, **r))
+                out.append([events.wait()])
+        finally:
+            engine.stop()
+    same(got, want)
+    # 3 then 3: from the cache; at 5: loops 3 and 4 run from the kept states; at 3 again: the depth-5 blocks cannot
+    # give depth-3 states, so it prefills whole
+    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 2 * BLOCK, 0]
+    for a, b in zip(got, want, strict=True):
+        assert a[0].final.prompt_nll == pytest.approx(b[0].final.prompt_nll, rel=1e-5)
+        assert (a[0].prompt is None) == (b[0].prompt is None)
+        if a[0].prompt is not None:  # echo: every prompt position's logprob and alternatives
+            assert len(a[0].prompt.logprobs) == len(reqs[got.index(a)]["prompt_ids"]) - 1
+            assert a[0].prompt.logprobs == pytest.approx(b[0].prompt.logprobs, rel=1e-4, abs=1e-5)
+            assert [[t for t, _ in top] for top in a[0].prompt.top] == [[t for t, _ in top] for top in b[0].prompt.top]
+
+
 def test_never_across_adaptive_requests(parts, prefix):
     model, tokenizer = parts
     ids = prefix + tokenizer.encode(" The end.")
@@ -225,8 +262,8 @@ def test_metrics_count_prompt_tokens(parts, prefix):
     a, b = prefix + tokenizer.encode(" The end."), prefix + tokenizer.encode(" Her mom smiled.")
     serve(model, tokenizer, [ask(a, 3), ask(b, 3), ask(b, 3, prompt_logprobs=1)], MB, metrics=metrics)
     value = metrics.registry.get_sample_value
-    assert value("loopgpt_prefix_cache_queries_total") == len(a) + len(b)  # echo's prompt is not looked up
-    assert value("loopgpt_prefix_cache_hits_total") == 2 * BLOCK
+    assert value("loopgpt_prefix_cache_queries_total") == len(a) + 2 * len(b)
+    assert value("loopgpt_prefix_cache_hits_total") == 4 * BLOCK
     assert 0 < value("loopgpt_prefix_cache_usage_ratio") <= 1
 
 

@@ -14,8 +14,9 @@ least recently used first out. The host-side index (`match`) is what the schedul
 device copies the runner makes.
 
 Never used where the numbers would differ: with a KV budget (the shared slots hold depth-specific K/V: the engine
-builds no cache), for adaptive requests (their tokens stop at their own loops), nor for scored prompts (their
-prefill must see every position); the scheduler decides the last two.
+builds no cache), nor for adaptive requests (their tokens stop at their own loops). A scored prompt (echo's prompt
+logprobs, the prompt_nll metric) uses only blocks computed at its depth or shallower: its cached positions are
+scored from their states after its last loop.
 
     python -m pytest tests/test_prefix_cache.py -q
 """
@@ -79,15 +80,16 @@ class PrefixCache:
         """A prefill chunk's hidden states (T, C) after its last loop, at positions start.. of `row`."""
         self.states[row, start:start + len(states)] = states
 
-    def match(self, ids: list[int], loops: int) -> list[Block]:
+    def match(self, ids: list[int], loops: int, scored: bool = False) -> list[Block]:
         """The longest run of cached blocks starting `ids`, leaving at least the last prompt token to prefill (its
         hidden state samples the first token); marked as just used. Blocks computed shallower than `loops` must
-        share one depth (their deeper loops run together from their kept states, see `load`)."""
+        share one depth (their deeper loops run together from their kept states, see `load`). For a `scored` prompt
+        no block computed deeper either: its positions are scored from their states after loop `loops` - 1."""
         out: list[Block] = []
         shallow = None
         for key, parent, block in chain(ids[:len(ids) - 1]):
             entry = self.blocks.get(key)
-            if entry is None or entry.parent != parent or entry.ids != block:
+            if entry is None or entry.parent != parent or entry.ids != block or scored and entry.depth > loops:
                 break
             if entry.depth < loops:
                 if shallow not in (None, entry.depth):
@@ -101,7 +103,8 @@ class PrefixCache:
     def load(self, model, row: int, blocks: list[Block], loops: int) -> None:
         """Positions 0.. of cache row `row` get the K/V of loops < `loops` of `blocks` (on the device). Blocks
         computed shallower (at one depth D) get theirs for loops < D, then run loops D .. loops - 1 from their kept
-        states in one forward (each position reads its row's keys of that loop, as a prefill does)."""
+        states in one forward (each position reads its row's keys of that loop, as a prefill does). The row's
+        `states` then hold every position's state after loop `loops` - 1, but for blocks computed deeper."""
         deep = []
         for i, b in enumerate(blocks):
             slots, span = min(b.depth, loops) * self.per_loop, slice(i * BLOCK, (i + 1) * BLOCK)
@@ -109,6 +112,8 @@ class PrefixCache:
             self.cache.v[:slots, row, :, span] = b.v[:slots]
             if b.depth < loops:
                 deep.append(i)
+            elif b.depth == loops:
+                self.states[row, span] = b.h
         if not deep:
             return
         dev = self.states.device

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from loopgpt.model import KVCache
 from loopgpt.model.adaptive import copy_exit_kv
-from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill
+from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill, score_states
 
 from .loading import BackendError
 from .plan import Fork, Pending, PrefillChunk, StepPlan
@@ -183,8 +183,8 @@ class ModelRunner:
 
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         t = time.perf_counter()
-        for row, blocks, loops in plan.prefix_loads:  # cached prefixes first: the suffixes' prefill reads them
-            self.prefix.load(self.model, row, blocks, loops)
+        for load in plan.prefix_loads:  # cached prefixes first: the suffixes' prefill reads them
+            self._load_prefix(*load)
         if plan.prefill:
             self._prefill(plan.prefill)
         for row, ids, loops in plan.prefix_stores:
@@ -305,6 +305,19 @@ class ModelRunner:
             # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
             lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in group]
             self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
+
+    def _load_prefix(self, row: int, blocks: list[Any], loops: int, targets: list[int] | None, table: bool) -> None:
+        """A cached prefix into cache row `row`; a scored prompt's cached positions are scored from their states
+        (`targets`: what each predicts), their table kept with `table` (echo), as the prefill does for the rest."""
+        self.prefix.load(self.model, row, blocks, loops)
+        if targets is None:
+            return
+        rows = torch.tensor([row], device=self.device)
+        self.state.prompt_nll[rows] = 0.0
+        scores: list[torch.Tensor] | None = [] if table else None
+        score_states(self.model, self.state, self.prefix.states[row, :len(targets)][None], [targets], rows, scores)
+        if scores:
+            self.scores.setdefault(row, []).append(scores[0][0].to("cpu", non_blocking=True))
 
     def _fork(self, fork: Fork) -> None:
         rows = torch.tensor(fork.rows, device=self.device)

@@ -94,7 +94,7 @@ class Scheduler:
         rest. The prefill budget goes oldest prompt first, so `req` would hardly have started its own sooner; requests
         queued together with a common prefix (lm-eval's choices of one context, a load test's first wave) compute it
         once."""
-        if not self._cacheable(req) or req.prompt_logprobs is not None:
+        if not self._cacheable(req):
             return False
         filling = [r.keys for r in self.rows.values() if r.keys and r.prefilled < len(r.req.prompt_ids)]
         if not filling:
@@ -107,20 +107,22 @@ class Scheduler:
         return False
 
     def _lookup(self, row: Row) -> None:
-        """A new prompt's longest cached prefix at its depth or deeper: its positions are not prefilled again.
-        Not for a scored prompt (its logprobs asked for, echo, or sampled for the prompt_nll metric): that prefill
-        must see every position."""
+        """A new prompt's longest cached prefix: its positions are not prefilled again. A scored prompt (its
+        logprobs asked for, echo, or sampled for the prompt_nll metric) takes no block computed deeper than it."""
         req = row.req
         if not self._cacheable(req):
             return
         row.keys = {key for key, _, _ in chain(req.prompt_ids)}  # kept when its prefill completes (see _behind)
-        if req.prompt_logprobs is not None or row.scored:
-            return
-        blocks = self.runner.prefix.match(req.prompt_ids, req.loops)
+        blocks = self.runner.prefix.match(req.prompt_ids, req.loops, self._scored(row))
         row.cached = row.prefilled = sum(len(b.ids) for b in blocks)
         row.load = blocks or None
         if self.metrics:
             self.metrics.prefix_cache_query(len(req.prompt_ids), row.cached)
+
+    @staticmethod
+    def _scored(row: Row) -> bool:
+        """Whether the row's prefill scores its prompt: echo's prompt logprobs, or the sampled prompt_nll metric."""
+        return row.scored or row.req.prompt_logprobs is not None
 
     def _score_prompt(self) -> bool:
         """Whether the next admitted prompt is scored for the prompt_nll metric: the first, then every
@@ -167,10 +169,11 @@ class Scheduler:
             start = row.prefilled
             end = min(len(prompt), start + budget)
             scored = row.req.prompt_logprobs is not None
-            targets = (prompt[start + 1:end + 1]) if row.scored or scored else None
+            targets = (prompt[start + 1:end + 1]) if self._scored(row) else None
             adaptive = row.req.adaptive
             if row.load:
-                plan.prefix_loads.append((row.index, row.load, row.req.loops))
+                plan.prefix_loads.append((row.index, row.load, row.req.loops,
+                                          prompt[1:start + 1] if self._scored(row) else None, scored))
                 row.load = None
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
