@@ -11,9 +11,19 @@ import threading
 
 import httpx
 import pytest
+import torch
 from loopgpt.loadtest.runner import with_shared_prefix
 from loopgpt.model import SamplingParams, load_checkpoint
-from loopgpt.server.engine import Adaptive, Engine, FinishEvent, ModelRunner, Request, SpecRequest, TokenEvent
+from loopgpt.server.engine import (
+    Adaptive,
+    Engine,
+    FinishEvent,
+    ModelRunner,
+    PrefillChunk,
+    Request,
+    SpecRequest,
+    TokenEvent,
+)
 from loopgpt.server.engine.prefix_cache import BLOCK, chain
 from loopgpt.server.logprobs import PromptScores
 from loopgpt.server.metrics import ServerMetrics
@@ -284,3 +294,23 @@ def test_openai_usage_reports_cached_tokens(tiny_checkpoint, prefix, parts):
     with running_server(tiny_checkpoint, max_batch=1, engine="thread", prompt_nll=0.0, prefix_cache=False) as (url, _):
         again = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_a_block_loaded_from_a_deeper_entry_is_not_kept_again_once_that_is_evicted(parts, prefix):
+    """A row at depth 4 loads blocks computed at 6: it holds their K/V of loops < 4 but not their states after loop
+    3, so if those entries are evicted before its prefill completes, it keeps nothing from them on (the prefix's
+    blocks would otherwise hold wrong states for scoring and deeper loops)."""
+    model, _ = parts
+    runner = ModelRunner(model, max_batch=2, prefix_cache_bytes=MB)
+    cache, ids = runner.prefix, prefix + prefix[:BLOCK] + [1]
+    with torch.inference_mode():
+        runner._prefill([PrefillChunk(0, ids, 0, 6)])
+        cache.store(0, ids, 6)
+        blocks = cache.match(ids, 4)
+        assert [b.depth for b in blocks] == [6, 6, 6]
+        cache.load(model, 1, blocks[:2], 4)
+        runner._prefill([PrefillChunk(1, ids[2 * BLOCK:], 2 * BLOCK, 4)])
+        cache.blocks.clear()  # evicted meanwhile
+        cache.used = 0
+        cache.store(1, ids, 4)
+    assert cache.blocks == {} and cache.used == 0

@@ -1,4 +1,4 @@
-"""PrefixCache: prompt prefixes computed once, served at any depth up to the one they were computed at.
+"""PrefixCache: prompt prefixes computed once, served at any depth (a deeper one runs only the loops they lack).
 
 A prompt is cut into blocks of BLOCK tokens, each keyed by a hash chain (its parent block's key and its own ids, as
 vLLM does), so a block's key names the whole prefix up to its end. An entry holds the block's K/V of every loop slot
@@ -71,6 +71,8 @@ class PrefixCache:
         # Each row's prompt states after its last loop, kept from its prefill until its blocks are stored
         self.states = torch.zeros(cache.batch_size, cache.max_len, cache.config.n_embd, device=k.device,
                                   dtype=k.dtype)
+        # Per row, the blocks it loaded from entries computed deeper than it: their states are not the row's
+        self.foreign: dict[int, set[int]] = {}
 
     def block_bytes(self, depth: int) -> int:
         k = self.cache.k
@@ -78,6 +80,8 @@ class PrefixCache:
 
     def keep(self, row: int, start: int, states: torch.Tensor) -> None:
         """A prefill chunk's hidden states (T, C) after its last loop, at positions start.. of `row`."""
+        if start == 0:  # a prompt prefilled from its start: nothing loaded
+            self.foreign.pop(row, None)
         self.states[row, start:start + len(states)] = states
 
     def match(self, ids: list[int], loops: int, scored: bool = False) -> list[Block]:
@@ -105,7 +109,7 @@ class PrefixCache:
         computed shallower (at one depth D) get theirs for loops < D, then run loops D .. loops - 1 from their kept
         states in one forward (each position reads its row's keys of that loop, as a prefill does). The row's
         `states` then hold every position's state after loop `loops` - 1, but for blocks computed deeper."""
-        deep = []
+        deep, self.foreign[row] = [], {i for i, b in enumerate(blocks) if b.depth > loops}
         for i, b in enumerate(blocks):
             slots, span = min(b.depth, loops) * self.per_loop, slice(i * BLOCK, (i + 1) * BLOCK)
             self.cache.k[:slots, row, :, span] = b.k[:slots]
@@ -128,15 +132,19 @@ class PrefixCache:
         """Keep the full blocks of the prompt `ids` just prefilled at `loops` in cache row `row`: those not cached
         yet, or cached shallower (replaced). Evicts the least recently used blocks of other prompts to stay within
         capacity; where that is not enough, the rest of this prompt is not kept (a block without its parent could
-        never be matched)."""
+        never be matched), nor from a block the row loaded from a deeper entry that was evicted since (the row does
+        not hold its states)."""
         size = self.block_bytes(loops)
         slots = loops * self.per_loop
         blocks = chain(ids)
+        foreign = self.foreign.pop(row, set())
         mine = {key for key, _, _ in blocks}
         for i, (key, parent, block) in enumerate(blocks):
             old = self.blocks.get(key)
             if old is not None and old.parent == parent and old.ids == block and old.depth >= loops:
                 continue
+            if i in foreign:
+                return
             if old is not None:
                 self._drop(key)
             while self.used + size > self.capacity:
