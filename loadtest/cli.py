@@ -45,6 +45,8 @@ def add_loadtest_parser(sub) -> None:
     p.add_argument("--prompt-chars", type=int, default=400, help="cut each prompt to this many characters")
     p.add_argument("--prompt-tokens", default=None, help="prompts of this many tokens of the served model, e.g. "
                    "32:64 (a range, uniform) or 48: windows of the prompt texts, cut by the server's /tokenize")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="every prompt starts with the same N tokens (a prefix cache's case; default 0: none)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens tokens (the "
@@ -69,7 +71,7 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
     """The run's LoadConfig from the flags (its prompts cut to --prompt-tokens by the server), at the first level;
     every bad flag is one ValueError sentence before any load is sent."""
     from .probe import parse_token_range, sized_prompts
-    from .runner import BUILTIN_PROMPTS, load_prompts, parse_loops_mix
+    from .runner import BUILTIN_PROMPTS, load_prompts, parse_loops_mix, with_shared_prefix
 
     if args.rounds is not None and (args.rounds < 1 or args.rate is not None):
         raise ValueError("--rounds takes a count >= 1 of requests per stream, for a closed loop (not with --rate)")
@@ -80,6 +82,13 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         raise ValueError("--plot draws one run's loops; it does not combine with --sweep or --mixed")
     first = levels(args)[0]
     prompts = load_prompts(args.prompts, args.prompt_chars) if args.prompts else list(BUILTIN_PROMPTS)
+    if args.shared_prefix < 0:
+        raise ValueError(f"--shared-prefix must be >= 0 tokens, got {args.shared_prefix}")
+    if args.shared_prefix and args.prompt_tokens is not None:
+        raise ValueError("--shared-prefix and --prompt-tokens do not combine (the windows would cut the prefix off); "
+                         "size the prompts after the prefix with --prompt-chars")
+    if args.shared_prefix:
+        prompts = with_shared_prefix(args.url[0].split(",")[0], prompts, args.shared_prefix, args.api_key)
     cfg = LoadConfig(url=",".join(args.url), loops_mix=parse_loops_mix(args.loops or "1"), prompts=prompts,
                      max_tokens=args.max_tokens, temperature=args.temperature, concurrency=first,
                      rate=args.rate, requests=args.rounds * first if args.rounds else args.requests,

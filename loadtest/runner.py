@@ -108,6 +108,21 @@ def load_prompts(path: str | Path, max_chars: int = 400) -> list[str]:
     return [d.strip()[:max_chars] for d in docs if d.strip()]
 
 
+def with_shared_prefix(url: str, prompts: list[str], tokens: int, api_key: str | None = None) -> list[str]:
+    """`--shared-prefix N`: every prompt behind the same text of N of the server's tokens (the prompts joined, cut
+    with its /tokenize and /detokenize), as requests sharing a system prompt or few-shot examples do."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = " ".join(prompts)
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
+            ids = client.post("/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
+            ids = ids * (tokens // max(1, len(ids)) + 1)
+            prefix = client.post("/detokenize", json={"tokens": ids[:tokens]}).raise_for_status().json()["prompt"]
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        raise ValueError(f"--shared-prefix: cannot build the prefix with {url}/tokenize ({e})") from None
+    return [prefix + " " + p for p in prompts]
+
+
 def plan(cfg: LoadConfig, rng: random.Random) -> tuple[str, int]:
     """The next request's (prompt, loops)."""
     loops = rng.choices(list(cfg.loops_mix), weights=list(cfg.loops_mix.values()))[0]

@@ -129,7 +129,8 @@ def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.
 
 def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int], chunks: list[list[int]],
             starts: list[int], loops: list[int], scratch: int, targets: list[list[int]] | None = None,
-            adaptive: tuple[float, int] | None = None, scores: list[torch.Tensor] | None = None) -> torch.Tensor:
+            adaptive: tuple[float, int] | None = None, scores: list[torch.Tensor] | None = None,
+            states: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Append prompt chunks (several prompts in one padded forward, each at its own depth) to their cache
     rows; returns each chunk's last hidden state (P, C).
 
@@ -139,7 +140,8 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     `scores` (a list) too, the per-position table (P, T, 1 + TOP_FIELDS) float32 is appended to it: each target's
     log-probability, then the TOP_LOGPROBS largest log-probabilities and their ids (echo's prompt logprobs). With
     `adaptive` (tolerance, min_loops), every prompt token stops looping on its own (`adaptive_hidden`, the same
-    policy the decode step follows), within the budget max(loops)."""
+    policy the decode step follows), within the budget max(loops). With `states` (a list), every position's hidden
+    state after its last loop (P, T, C) is appended to it (what a prefix cache keeps to run deeper loops later)."""
     dev = state.prompt_nll.device
     P, T = len(chunks), max(len(c) for c in chunks)
     limit = cache.max_len - 1
@@ -154,21 +156,33 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     else:
         x = adaptive_hidden(model, idx, adaptive[0], max(loops), adaptive[1], SERVING_MEASURE, cache, row_t, pos,
                             write, scratch)[0]
+    if states is not None:
+        states.append(x)
     last = x[torch.arange(P, device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]  # (P, C)
     fresh = [r for r, s in zip(rows, starts, strict=True) if s == 0]
     if fresh:
         state.prompt_nll[torch.tensor(fresh, device=dev)] = 0.0
     if targets is not None and any(targets):
-        # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
-        tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=dev)  # (P, T); -1 is ignored
-        logits = model.head(x).float()  # (P, T, V)
-        if scores is None:
-            nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
-        else:  # one log-softmax serves the sum and the per-position table
-            logp = torch.log_softmax(logits, dim=-1)  # (P, T, V)
-            picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (P, T)
-            nll = torch.where(tgt >= 0, -picked, 0.0)
-            values, ids = logp.topk(TOP_LOGPROBS, dim=-1)  # (P, T, k) each
-            scores.append(torch.cat([picked[..., None], values, ids.float()], dim=-1))  # (P, T, 1 + 2k)
-        state.prompt_nll.index_add_(0, row_t, nll.sum(dim=1))
+        score_states(model, state, x, targets, row_t, scores)
     return last
+
+
+def score_states(model: LoopModel, state: StepState, x: torch.Tensor, targets: list[list[int]], rows: torch.Tensor,
+                 scores: list[torch.Tensor] | None = None) -> None:
+    """Score prompt positions from their last loop's hidden states x (P, T, C) against `targets` (one list per row,
+    at most T each): their NLL is added to `state.prompt_nll` of cache rows `rows` (P,), and with `scores` the
+    per-position table is appended to it (see `prefill`, which scores its chunks with this; a prefix cache scores
+    its cached positions from their kept states with it too)."""
+    # Scoring the prompt needs the head at every position: the largest matmul of a prefill, so only on request.
+    T = x.shape[1]
+    tgt = torch.tensor([t + [-1] * (T - len(t)) for t in targets], device=x.device)  # (P, T); -1 is ignored
+    logits = model.head(x).float()  # (P, T, V)
+    if scores is None:
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-1, reduction="none")  # (P, T)
+    else:  # one log-softmax serves the sum and the per-position table
+        logp = torch.log_softmax(logits, dim=-1)  # (P, T, V)
+        picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (P, T)
+        nll = torch.where(tgt >= 0, -picked, 0.0)
+        values, ids = logp.topk(TOP_LOGPROBS, dim=-1)  # (P, T, k) each
+        scores.append(torch.cat([picked[..., None], values, ids.float()], dim=-1))  # (P, T, 1 + 2k)
+    state.prompt_nll.index_add_(0, rows, nll.sum(dim=1))

@@ -104,11 +104,14 @@ def best(choices: list[Choice], n: int) -> list[Choice]:
     return out
 
 
-def usage(choices: list[Choice]) -> dict[str, int]:
-    """Prompt tokens counted once per prompt, completion tokens of every candidate generated (best_of's too)."""
+def usage(choices: list[Choice]) -> dict:
+    """Prompt tokens counted once per prompt, completion tokens of every candidate generated (best_of's too); the
+    prompt tokens served from the prefix cache in OpenAI's `prompt_tokens_details.cached_tokens`."""
     prompt = sum(len(c.req.prompt_ids) for c in choices if c.candidate == 0)
+    cached = sum(c.final.cached_tokens for c in choices if c.candidate == 0 and c.final)
     completion = sum(c.final.completion_tokens for c in choices if c.final)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def loops_per_token(choices: list[Choice]) -> float | None:

@@ -64,6 +64,13 @@ class ServerMetrics:
         self.batch_size = Gauge("batch_size", "Rows in the last decode step", namespace=ns, registry=r)
         self.kv_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV-cache positions in use", namespace=ns,
                               registry=r)
+        # Prompt tokens, as vLLM counts them: hits / queries is the fraction of prompt tokens not prefilled again
+        self.prefix_queries = Counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      namespace=ns, registry=r)
+        self.prefix_hits = Counter("prefix_cache_hits", "Prompt tokens served from the prefix cache", namespace=ns,
+                                   registry=r)
+        self.prefix_usage = Gauge("prefix_cache_usage_ratio", "Fraction of --prefix-cache-mb in use", namespace=ns,
+                                  registry=r)
         q = dict(namespace=ns, registry=r, buckets=NLL_BUCKETS)
         self.token_nll = Histogram("token_nll", "NLL (nats) of each generated token under the model", per_loops, **q)
         self.token_entropy = Histogram("token_entropy", "Entropy (nats) of the model's next-token distribution",
@@ -154,10 +161,16 @@ class ServerMetrics:
         self.e2e.labels(loops).observe(ev.e2e_s)
         self.gen_tokens.labels(loops).inc(ev.completion_tokens)
 
-    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+    def prefix_cache_query(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
+
+    def gauges(self, running: int, waiting: int, kv_usage: float, prefix_usage: float | None = None) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+        if prefix_usage is not None:
+            self.prefix_usage.set(prefix_usage)
         if running == 0:
             self.batch_size.set(0)
 

@@ -54,6 +54,12 @@ class ServerOptions:
     kv_budget: int = option(-1, "K/V slots kept per layer across loops: 0 one per loop; B >= 1 loop 0 keeps its own "
                             "and the deeper loops share B - 1 (K/V memory per token falls to B of the loops; costs "
                             "quality, measured in docs/results.md; no self-speculation); -1 the checkpoint's")
+    prefix_cache: bool = option(True, "keep prompt prefixes (16-token blocks, at the depth they were computed at) "
+                                "across requests: a prompt that starts like an earlier one prefills only the rest, "
+                                "at any depth up to the earlier one's (not with --kv-budget, adaptive requests or "
+                                "prompt logprobs)")
+    prefix_cache_mb: float = option(-1.0, "memory of the prefix cache in MiB, least recently used blocks evicted "
+                                    "first (-1: a quarter of the KV cache's; 0: off)")
     shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
     prefill_chunk: int = option(128, "prompt tokens prefilled per engine step (chunked prefill): smaller keeps running "
                                 "streams smooth while long prompts arrive, larger prefills faster")
@@ -97,6 +103,9 @@ class ServerOptions:
                 raise ValueError(f"{flag_name(name)} must be >= 1 (or 0 for the checkpoint's), got {value}")
         if not 0 <= self.prompt_nll <= 1:
             raise ValueError(f"--prompt-nll must be in 0..1 (a fraction of requests), got {self.prompt_nll}")
+        if self.prefix_cache_mb < 0 and self.prefix_cache_mb != -1:
+            raise ValueError(f"--prefix-cache-mb must be >= 0 (or -1 for a quarter of the KV cache's memory), got "
+                             f"{self.prefix_cache_mb}")
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.threads < 0:

@@ -321,7 +321,7 @@ class Engine(Scheduler):
         tail = row.stream.finish() if reason in ("stop", "length") and not row.stream.stopped else ""
         self._send_finish(req, reason, tail, row.n_tokens, row.first_token_at, row.prompt_nll,
                           row.nll_sum / row.n_tokens if row.n_tokens else None, error,
-                          row.loops_used / row.looped if row.looped else None)
+                          row.loops_used / row.looped if row.looped else None, row.cached)
 
     def _finish_unadmitted(self, req: Request) -> None:
         for r in (req, *req.siblings):
@@ -331,12 +331,12 @@ class Engine(Scheduler):
 
     def _send_finish(self, req: Request, reason: str, tail: str, n_tokens: int, first_token_at: float | None,
                      prompt_nll: float | None, token_nll: float | None, error: str | None,
-                     loops_per_token: float | None = None) -> None:
+                     loops_per_token: float | None = None, cached: int = 0) -> None:
         end = time.perf_counter()
         ev = FinishEvent(finish_reason=reason, text=tail, prompt_tokens=len(req.prompt_ids),
                          completion_tokens=n_tokens, ttft_s=None if first_token_at is None else first_token_at
                          - req.arrival, e2e_s=end - req.arrival, prompt_nll=prompt_nll, token_nll=token_nll,
-                         error=error, loops_per_token=loops_per_token)
+                         error=error, loops_per_token=loops_per_token, cached_tokens=cached)
         if self.metrics:
             self.metrics.finished(req, ev)
         ttft = f"{ev.ttft_s:.3f}s" if ev.ttft_s is not None else "-"
@@ -358,5 +358,6 @@ class Engine(Scheduler):
     def _report(self) -> None:
         if self.metrics:
             running, waiting = self.counts()
-            self.metrics.gauges(running, waiting, self.usage())
+            prefix = self.runner.prefix
+            self.metrics.gauges(running, waiting, self.usage(), None if prefix is None else prefix.usage())
             self.metrics.waiting_priorities(self.waiting_by_priority())

@@ -85,6 +85,16 @@ def serving_config(cfg: Any, loop_cap: int, max_context: int) -> Any:
     return dataclasses.replace(cfg, loop_cap=loop_cap or cfg.loop_cap, block_size=max_context or cfg.block_size)
 
 
+def prefix_cache_bytes(cfg: Any, opt: Any, dtype: torch.dtype) -> int:
+    """--prefix-cache-mb in bytes; by default a quarter of the KV cache's memory (the cache's rows hold the live
+    requests, the prefix cache what they may share)."""
+    if not opt.prefix_cache or opt.prefix_cache_mb == 0:
+        return 0
+    if opt.prefix_cache_mb < 0:
+        return cfg.kv_cache_bytes(opt.max_batch + 1, dtype_bytes=torch.finfo(dtype).bits // 8) // 4
+    return int(opt.prefix_cache_mb * 2**20)
+
+
 def build_engine(loaded: Loaded, opt: Any, max_queue: int | None = None) -> Any:
     """The runner and engine over a loaded model, under the server's caps (`loaded.model.config` becomes the
     serving config); not started. `max_queue` None: the options' (an engine behind a process boundary gets its
@@ -98,7 +108,8 @@ def build_engine(loaded: Loaded, opt: Any, max_queue: int | None = None) -> Any:
     check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
                  dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
     runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,
-                         compile=opt.compile, cuda_graphs=opt.cuda_graphs, lanes_per_row=opt.spec_tokens + 1)
+                         compile=opt.compile, cuda_graphs=opt.cuda_graphs, lanes_per_row=opt.spec_tokens + 1,
+                         prefix_cache_bytes=prefix_cache_bytes(loaded.model.config, opt, loaded.dtype))
     if opt.cuda_graphs or opt.compile:
         log.info("warming up: %d step variants captured/compiled", runner.warmup())
     return Engine(runner, loaded.tokenizer, opt.max_queue if max_queue is None else max_queue,

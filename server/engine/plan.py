@@ -77,6 +77,11 @@ class StepPlan:
     convergence: bool = False  # bring each entry's convergence value back (adaptive requests decide on it)
     kv_copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, pos, exit loop, budget)
     forks: list[Fork] = field(default_factory=list)  # prompts copied to further rows after the prefill
+    # Prefix cache (prefix_cache.py): (row, blocks, loops, targets, table) copied into rows before the prefill (a
+    # scored prompt's cached positions scored: see ModelRunner._load_prefix), and (row, prompt, loops) of prompts
+    # completed by it, kept after it
+    prefix_loads: list[tuple[int, list[Any], int, list[int] | None, bool]] = field(default_factory=list)
+    prefix_stores: list[tuple[int, list[int], int]] = field(default_factory=list)
 
     def entry(self, lane: int, row: int, pos: int, loop: int) -> int:
         """Add a decode entry; returns its index (where its convergence value comes back)."""

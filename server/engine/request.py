@@ -50,6 +50,7 @@ class FinishEvent:
     token_nll: float | None
     error: str | None = None  # with finish_reason "error": what failed, for the client
     loops_per_token: float | None = None  # mean loops of the decoded tokens (the prefilled first one aside)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,6 +122,9 @@ class Row:
     fork_of: Row | None = None  # a further choice: its prompt comes from this row's prefill
     children: list[Row] = field(default_factory=list)  # the further choices forked from this row
     prompt_scores: PromptScores | None = None  # echo: the prompt's logprobs, once its prefill is back
+    cached: int = 0  # prompt tokens served from the prefix cache
+    load: list[Any] | None = None  # their cached blocks, copied into the row with its first prefill chunk
+    keys: set[int] | None = None  # a cacheable prompt's block keys (prefix_cache.chain), for requests that wait on it
 
     @property
     def decoding(self) -> bool:

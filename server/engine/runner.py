@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from loopgpt.model import KVCache
 from loopgpt.model.adaptive import copy_exit_kv
-from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill
+from loopgpt.model.step import OUT_FIELDS, PLAIN, TOP_FIELDS, StepState, decode_step, head_step, prefill, score_states
 
 from .loading import BackendError
 from .plan import Fork, Pending, PrefillChunk, StepPlan
+from .prefix_cache import PrefixCache
 
 
 def buckets(limit: int) -> list[int]:
@@ -102,7 +103,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, max_batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False, cuda_graphs: bool = False, max_loops: int | None = None,
-                 lanes_per_row: int = 1):
+                 lanes_per_row: int = 1, prefix_cache_bytes: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if cuda_graphs and torch.device(device).type != "cuda":
@@ -115,6 +116,9 @@ class ModelRunner:
         self.scratch_lane = max_batch * lanes_per_row
         # K/V slots for loops up to `max_loops` (default: the checkpoint's loop_cap); deeper requests are refused
         self.cache = KVCache(self.config, max_batch + 1, loops=max_loops, device=self.device, dtype=dtype)
+        # Prompt prefixes kept across requests; none with a KV budget, whose shared slots hold depth-specific K/V
+        self.prefix = (PrefixCache(self.cache, prefix_cache_bytes)
+                       if prefix_cache_bytes > 0 and self.config.kv_budget == 0 else None)
         vocab = self.config.vocab_size if lanes_per_row > 1 else 0
         self.state = StepState.allocate(self.scratch_lane + 1, max_batch + 1, self.config.n_embd, self.device, dtype,
                                         vocab, ban_vocab=self.config.vocab_size)
@@ -179,8 +183,13 @@ class ModelRunner:
 
     def _run(self, plan: StepPlan, slot: int) -> Pending | None:
         t = time.perf_counter()
+        for load in plan.prefix_loads:  # cached prefixes first: the suffixes' prefill reads them
+            self._load_prefix(*load)
         if plan.prefill:
             self._prefill(plan.prefill)
+        for row, ids, loops in plan.prefix_stores:
+            self.prefix.store(row, ids, loops)
+        if plan.prefill or plan.prefix_loads:
             t = self._clock("prefill", t)
         for fork in plan.forks:
             self._fork(fork)
@@ -282,9 +291,12 @@ class ModelRunner:
             targets = [c.targets or [] for c in group] if any(c.targets for c in group) else None
             rows = [c.row for c in group]
             scores: list[torch.Tensor] | None = [] if any(c.scored and c.targets for c in group) else None
+            states: list[torch.Tensor] | None = [] if self.prefix is not None and not adaptive else None
             last = prefill(self.model, self.cache, self.state, rows, [c.ids for c in group],
                            [c.start for c in group], [c.loops for c in group], self.scratch, targets,
-                           group[0].adaptive if adaptive else None, scores)
+                           group[0].adaptive if adaptive else None, scores, states)
+            for i, c in enumerate(group if states else ()):
+                self.prefix.keep(c.row, c.start, states[0][i, :len(c.ids)])
             for i, c in enumerate(group):
                 if scores and c.scored and c.targets:
                     # on its way to the host with the turn's other outputs (pinned, asynchronous on CUDA)
@@ -293,6 +305,19 @@ class ModelRunner:
             # A completed prompt is sampled from its last hidden state, kept in the lane of its last token.
             lanes = [self.lane(c.row, c.start + len(c.ids) - 1) for c in group]
             self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
+
+    def _load_prefix(self, row: int, blocks: list[Any], loops: int, targets: list[int] | None, table: bool) -> None:
+        """A cached prefix into cache row `row`; a scored prompt's cached positions are scored from their states
+        (`targets`: what each predicts), their table kept with `table` (echo), as the prefill does for the rest."""
+        self.prefix.load(self.model, row, blocks, loops)
+        if targets is None:
+            return
+        rows = torch.tensor([row], device=self.device)
+        self.state.prompt_nll[rows] = 0.0
+        scores: list[torch.Tensor] | None = [] if table else None
+        score_states(self.model, self.state, self.prefix.states[row, :len(targets)][None], [targets], rows, scores)
+        if scores:
+            self.scores.setdefault(row, []).append(scores[0][0].to("cpu", non_blocking=True))
 
     def _fork(self, fork: Fork) -> None:
         rows = torch.tensor(fork.rows, device=self.device)

@@ -19,6 +19,7 @@ from loopgpt.model import TextStream, fresh_seed
 from loopgpt.model.step import DRAFT, PLAIN, VERIFY
 
 from .plan import Fork, PrefillChunk, Sample, StepPlan
+from .prefix_cache import chain
 from .request import Flight, Request, Row, Sampled
 from .speculation import Speculation
 
@@ -52,7 +53,7 @@ class Scheduler:
                 # queue only until half the rows are free, not all of them.
                 cap = max(1, self.runner.max_batch // 2) if others else len(group)
                 take = min(len(group), cap)
-                if len(self.free_rows) < take:
+                if len(self.free_rows) < take or self._behind(req):
                     return
                 self.waiting.popleft()
                 if take < len(group):
@@ -74,11 +75,54 @@ class Scheduler:
             spec = Speculation(req.speculative, req.loops, self.runner.lanes_per_row - 1)
         row = self.rows[index] = Row(req, index, seed, eos, TextStream(self.tokenizer, req.stop), spec, fork_of=fork_of)
         row.scored = self._score_prompt() if fork_of is None else fork_of.scored
+        if fork_of is None:
+            self._lookup(row)
         banned = [t for t in (eos, *req.stop_token_ids) if t >= 0]  # eos is -1 with ignore_eos
         if req.min_tokens and banned:
             self.runner.ban(index, banned)
             row.bans = True
         return row
+
+    def _cacheable(self, req: Request) -> bool:
+        """Whether a request's prompt K/V are the prefix cache's to serve and keep: not an adaptive request's (its
+        tokens stop at their own loops), not with a KV budget (the runner then has no cache)."""
+        return self.runner.prefix is not None and req.adaptive is None
+
+    def _behind(self, req: Request) -> bool:
+        """Whether `req` waits for a prompt still being prefilled that starts like it (beyond what is cached): that
+        prompt's blocks are kept when its prefill completes, a turn or a few later, and `req` then prefills only the
+        rest. The prefill budget goes oldest prompt first, so `req` would hardly have started its own sooner; requests
+        queued together with a common prefix (lm-eval's choices of one context, a load test's first wave) compute it
+        once."""
+        if not self._cacheable(req):
+            return False
+        filling = [r.keys for r in self.rows.values() if r.keys and r.prefilled < len(r.req.prompt_ids)]
+        if not filling:
+            return False
+        cached = self.runner.prefix.blocks
+        for key, _, _ in chain(req.prompt_ids[:len(req.prompt_ids) - 1]):
+            entry = cached.get(key)
+            if entry is None or entry.depth < req.loops:
+                return any(key in keys for keys in filling)
+        return False
+
+    def _lookup(self, row: Row) -> None:
+        """A new prompt's longest cached prefix: its positions are not prefilled again. A scored prompt (its
+        logprobs asked for, echo, or sampled for the prompt_nll metric) takes no block computed deeper than it."""
+        req = row.req
+        if not self._cacheable(req):
+            return
+        row.keys = {key for key, _, _ in chain(req.prompt_ids)}  # kept when its prefill completes (see _behind)
+        blocks = self.runner.prefix.match(req.prompt_ids, req.loops, self._scored(row))
+        row.cached = row.prefilled = sum(len(b.ids) for b in blocks)
+        row.load = blocks or None
+        if self.metrics:
+            self.metrics.prefix_cache_query(len(req.prompt_ids), row.cached)
+
+    @staticmethod
+    def _scored(row: Row) -> bool:
+        """Whether the row's prefill scores its prompt: echo's prompt logprobs, or the sampled prompt_nll metric."""
+        return row.scored or row.req.prompt_logprobs is not None
 
     def _score_prompt(self) -> bool:
         """Whether the next admitted prompt is scored for the prompt_nll metric: the first, then every
@@ -125,13 +169,19 @@ class Scheduler:
             start = row.prefilled
             end = min(len(prompt), start + budget)
             scored = row.req.prompt_logprobs is not None
-            targets = (prompt[start + 1:end + 1]) if row.scored or scored else None
+            targets = (prompt[start + 1:end + 1]) if self._scored(row) else None
             adaptive = row.req.adaptive
+            if row.load:
+                plan.prefix_loads.append((row.index, row.load, row.req.loops,
+                                          prompt[1:start + 1] if self._scored(row) else None, scored))
+                row.load = None
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
                                              scored))
             row.prefilled, budget = end, budget - (end - start)
             if end == len(prompt):
+                if self._cacheable(row.req):
+                    plan.prefix_stores.append((row.index, prompt, row.req.loops))
                 self._start_decoding(row, plan, sampled)
                 self._fork(row, plan, sampled)
         return plan, sampled
