@@ -33,6 +33,7 @@ from .chat_routes import router as chat_router
 from .engine import Engine
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
+from .offload import Offload
 from .openapi import build_openapi, error_responses
 from .options import ServerOptions
 from .request import Adaptive
@@ -68,6 +69,7 @@ class ServerState:
     load_error: str | None = None
     on_fatal: Callable[[str], None] | None = None
     chat: ChatTemplate | None = None  # the checkpoint's chat template, or the default
+    offload: Offload = field(default_factory=Offload)  # threads for templating, BPE, long JSON (server/offload.py)
 
     @property
     def config(self) -> Any:
@@ -105,7 +107,9 @@ class ServerState:
         if opt.cuda_graphs or opt.compile:
             log.info("warming up: %d step variants captured/compiled", runner.warmup())
         cfg = loaded.model.config
-        self.chat = ChatTemplate(loaded.chat_template)
+        # A rendered prompt over twice the largest body is a template repeating its input, never a conversation.
+        self.chat = ChatTemplate(loaded.chat_template, max_chars=2 * opt.max_body)
+        self.chat.check()  # a template that fails, hangs or explodes on a small conversation refuses the checkpoint
         self.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine = Engine(runner, loaded.tokenizer, opt.max_queue, self.metrics, opt.prompt_nll, opt.prefill_chunk)
         engine.start()
@@ -209,6 +213,9 @@ class ServerState:
         if self.config.kv_budget:
             raise APIError(400, "self-speculative decoding needs one K/V slot per loop; this model shares slots "
                            f"(kv_budget {self.config.kv_budget})", "speculative")
+        if loops < 2:
+            raise APIError(400, f"speculative: a draft runs fewer loops than the request, so self-speculative decoding "
+                           f"needs loops >= 2; this request runs {loops}", "speculative")
         if not 1 <= asked.draft_loops < loops:
             raise APIError(400, f"speculative.draft_loops must be in 1..{loops - 1} (below loops, {loops}), got "
                            f"{asked.draft_loops}", "speculative")
@@ -253,6 +260,9 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
         yield
         if state.engine is not None:
             state.engine.stop()
+        if state.chat is not None:
+            state.chat.close()
+        state.offload.close()
 
     app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
