@@ -31,6 +31,7 @@ from .engine import Adaptive, Engine, Loaded, build_engine
 from .engine.speculation import SpecRequest
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
+from .offload import Offload
 from .openapi import build_openapi, error_responses
 from .options import ServerOptions
 from .routes import router
@@ -62,6 +63,7 @@ class ServerState:
     load_error: str | None = None
     on_fatal: Callable[[str], None] | None = None
     chat: ChatTemplate | None = None  # the checkpoint's chat template, or the default
+    offload: Offload = field(default_factory=Offload)  # threads for templating, BPE, long JSON (server/offload.py)
 
     @property
     def config(self) -> Any:
@@ -92,7 +94,9 @@ class ServerState:
         (`loaded.engine`, an EngineClient); its metrics are recorded in this process either way."""
         engine = loaded.engine or build_engine(loaded, self.options)
         cfg = loaded.model.config  # the serving config (caps and KV budget applied)
-        self.chat = ChatTemplate(loaded.chat_template)
+        # A rendered prompt over twice the largest body is a template repeating its input, never a conversation.
+        self.chat = ChatTemplate(loaded.chat_template, max_chars=2 * self.options.max_body)
+        self.chat.check()  # a template that fails, hangs or explodes on a small conversation refuses the checkpoint
         self.metrics = engine.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine.start()
         self.loaded, self.engine = loaded, engine
@@ -195,6 +199,9 @@ class ServerState:
         if self.config.kv_budget:
             raise APIError(400, "self-speculative decoding needs one K/V slot per loop; this model shares slots "
                            f"(kv_budget {self.config.kv_budget})", "speculative")
+        if loops < 2:
+            raise APIError(400, f"speculative: a draft runs fewer loops than the request, so self-speculative decoding "
+                           f"needs loops >= 2; this request runs {loops}", "speculative")
         if not 1 <= asked.draft_loops < loops:
             raise APIError(400, f"speculative.draft_loops must be in 1..{loops - 1} (below loops, {loops}), got "
                            f"{asked.draft_loops}", "speculative")
@@ -228,6 +235,9 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
         yield
         if state.engine is not None:
             state.engine.stop()
+        if state.chat is not None:
+            state.chat.close()
+        state.offload.close()
 
     app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state

@@ -2,8 +2,9 @@
 of the tokenizer routes (which render messages too).
 
 A checkpoint may carry its template as `chat_template.jinja` beside its weights (Hugging Face's file name and
-its Jinja dialect: `messages`, `add_generation_prompt`, `raise_exception`, rendered in a sandbox). A base model
-without one gets DEFAULT_TEMPLATE, a plain transcript:
+its Jinja dialect: `messages`, `add_generation_prompt`, `raise_exception`, rendered in a sandbox, in worker processes
+with time, memory and output limits: server/templates.py; it is test-rendered at load). A base model without one gets
+DEFAULT_TEMPLATE, a plain transcript:
 
     You are a storyteller.          <- a system (or developer) message, then a blank line
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
 from .schemas import (
@@ -34,6 +33,7 @@ from .schemas import (
     Unsupported,
     documented,
 )
+from .templates import RENDER_TIMEOUT_S, SAMPLE, RenderWorkers, TemplateFailed, compile_template, render_text
 
 TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_STOP = "\nUser:"
@@ -47,29 +47,46 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
 class ChatTemplate:
-    """A compiled chat template: the checkpoint's (`source`), or the documented default."""
+    """A compiled chat template: the checkpoint's (`source`), rendered in worker processes with a time limit
+    (server/templates.py), or the documented default, ours and linear in its input, rendered in the caller's thread.
+    Every render stops past `max_chars` characters. `render` blocks: routes call it through the offload threads."""
 
-    def __init__(self, source: str | None = None, origin: str = TEMPLATE_FILE):
+    def __init__(self, source: str | None = None, origin: str = TEMPLATE_FILE, max_chars: int = 4 << 20,
+                 timeout_s: float = RENDER_TIMEOUT_S):
         self.default = source is None
         self.source = DEFAULT_TEMPLATE if source is None else source
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
+        self.origin, self.max_chars = origin, max_chars
+        # A checkpoint's template is compiled in its workers too: compiling runs code (Jinja folds constants).
+        self.template = compile_template(self.source) if self.default else None
+        self.workers = None if self.default else RenderWorkers(self.source, max_chars, timeout_s)
+
+    def check(self) -> None:
+        """Compile and render a small conversation once (at load): a template that fails, hangs or explodes on it
+        refuses the checkpoint with one sentence."""
         try:
-            self.template = env.from_string(self.source)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"{origin}: not a valid Jinja chat template ({e})") from e
+            self._render(SAMPLE, True)
+        except TemplateFailed as e:
+            self.close()
+            raise ValueError(f"{self.origin}: {e}, on a three-message test conversation at load; fix or remove "
+                             "the file") from e
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text; a template that fails on these messages is the client's 400 (`messages`)."""
+        """The prompt text; a template that fails on these messages or breaks a limit is the client's 400
+        (`messages`)."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"messages: the chat template refused them ({e})", "messages") from e
+            return self._render(messages, add_generation_prompt)
+        except TemplateFailed as e:
+            raise APIError(400, f"messages: {e}", "messages") from e
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if self.workers is None:
+            return render_text(self.template, messages, add_generation_prompt, self.max_chars)
+        return self.workers.render(messages, add_generation_prompt)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
 
     @property
     def stops(self) -> list[str]:
@@ -86,13 +103,26 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"] = Field(description="tool messages are not supported")
-    content: str | list[TextPart] | None = Field(default=None, description="text, or text parts")
+    content: str | Annotated[list[TextPart], documented(minItems=1)] = Field(description="text, or text parts")
     name: str | None = None
 
     def plain(self) -> dict[str, str]:
         """The message as a template reads it: its text in one string."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": self.role, "content": text}
+
+
+def check_conversation(messages: list[ChatMessage]) -> None:
+    """What OpenAI refuses beyond the schema: no message, a message of no parts, instructions and nothing else."""
+    if not messages:
+        raise APIError(400, "messages is empty: give at least one message", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m.content, str) and not m.content:
+            raise APIError(400, f"messages.{i}.content is an empty list: give text or at least one text part",
+                           "messages")
+    if all(m.role in ("system", "developer") for m in messages):
+        raise APIError(400, "messages holds only system or developer instructions: give at least one user message",
+                       "messages")
 
 
 class PlainBody(BaseModel):
@@ -134,11 +164,15 @@ class TokenizeBody(PlainBody):
     """vLLM's /tokenize: a prompt (encoded as /v1/completions encodes it) or chat messages (templated)."""
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, description="chat messages, rendered with the chat "
-                                               "template (give prompt or messages)")
+    messages: Annotated[list[ChatMessage], documented(minItems=1)] | None = Field(
+        default=None, description="chat messages, rendered with the chat template (give prompt or messages)")
     add_generation_prompt: bool = True
     add_special_tokens: bool = Field(default=True, description="accepted; this tokenizer adds none")
     model: str | None = None
+
+    def check_supported(self) -> None:
+        if self.messages is not None:
+            check_conversation(self.messages)
 
 
 class ChatBody(OpenAIBody):
@@ -170,8 +204,7 @@ class ChatBody(OpenAIBody):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if not self.messages:
-            raise APIError(400, "messages is empty: give at least one message", "messages")
+        check_conversation(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 

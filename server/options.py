@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CHECKPOINT = "checkpoints/demo"  # the CLI passes the installed demo's absolute path instead
+SPEC_TOKENS_MAX = 16  # drafts in flight per request: each is a KV-cache lane, and acceptance falls with each one
 
 
 def option(default: Any, help: str, **flag: Any) -> Any:
@@ -61,6 +62,8 @@ class ServerOptions:
     prefix_cache_mb: float = option(-1.0, "memory of the prefix cache in MiB, least recently used blocks evicted "
                                     "first (-1: a quarter of the KV cache's; 0: off)")
     shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
+    header_timeout: float = option(10.0, "seconds a client has to send a request's line and headers (slow-header "
+                                   "clients are answered 408 and disconnected; server/protocol.py)")
     prefill_chunk: int = option(128, "prompt tokens prefilled per engine step (chunked prefill): smaller keeps running "
                                 "streams smooth while long prompts arrive, larger prefills faster")
     speculative: str = option("off", "self-speculative decoding for requests that do not say (their "
@@ -95,8 +98,10 @@ class ServerOptions:
         if not self.adaptive_tolerance >= 0 or self.adaptive_min_loops < 1:
             raise ValueError("--adaptive-tolerance must be >= 0 and --adaptive-min-loops >= 1, got "
                              f"{self.adaptive_tolerance} and {self.adaptive_min_loops}")
-        if self.spec_tokens < 0:
-            raise ValueError(f"--spec-tokens must be >= 0, got {self.spec_tokens}")
+        if not 0 <= self.spec_tokens <= SPEC_TOKENS_MAX:
+            raise ValueError(f"--spec-tokens must be in 0..{SPEC_TOKENS_MAX}, got {self.spec_tokens}")
+        if not self.header_timeout > 0:
+            raise ValueError(f"--header-timeout must be > 0 seconds, got {self.header_timeout}")
         for name in ("loop_cap", "max_context"):
             value = getattr(self, name)
             if value < 0:

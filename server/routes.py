@@ -60,7 +60,7 @@ class Submission:
         return self.choices[0].req
 
 
-Encoder = Callable[[Any, Any], list[list[int]]]  # (state, body) -> the token ids of each prompt
+Encoder = Callable[[Any, Any], list[list[int]]]  # (state, body) -> the token ids of each prompt; runs in a thread
 
 
 async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encoder,
@@ -84,7 +84,7 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encod
         budget, adaptive = state.adaptive(body, loops)  # with "auto", the most loops a token may run
         stop = body.stop_list()
         stop += [s for s in more_stops or [] if s not in stop]
-        prompts = encode(state, body)
+        prompts = await state.offload(encode, state, body)  # templating and BPE: off the event loop
         state.check_choices(len(prompts), body)
         max_tokens = body.tokens_to_generate(max(len(p) for p in prompts), state.config.block_size)
         state.check_loops(budget)

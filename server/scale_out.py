@@ -97,12 +97,9 @@ def parse_scaling(args: argparse.Namespace) -> Scaling:
 def preflight(args: argparse.Namespace) -> None:
     """What Ray would otherwise report as a traceback from its proxy actor, or as a minute of retries."""
     if args.ray_address is None:  # a local cluster: its proxy binds --host:--port here
-        with socket.socket() as s:
-            try:
-                s.bind((args.host, args.port))
-            except OSError as e:
-                raise ScaleOutError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
-                                    "choose another --port") from None
+        from .protocol import listen_socket
+
+        listen_socket(args.host, args.port).close()
     elif args.ray_address != "auto":
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         try:

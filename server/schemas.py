@@ -19,7 +19,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.requests import Request
 
+from .options import SPEC_TOKENS_MAX
+
 SEED_MAX = 2**63 - 1
+TEMPERATURE_MAX = 2.0  # OpenAI's bound; far above it the float32 logits / temperature lose all meaning
+MAX_INT_DIGITS = 100  # far above any field's range (a seed has 19 digits), far below what int() takes long to read
 PRIORITY_LIMIT = 2**31  # |priority| below this: a label of the per-priority gauge stays short
 
 
@@ -54,8 +58,8 @@ class SpeculativeSpec(BaseModel):
 
     draft_loops: int = Field(ge=1, description="loops a draft token runs before the head guesses its successor "
                              "(1..loops-1)")
-    tokens: int | None = Field(default=None, ge=1, description="drafts in flight at once (default and most: the "
-                               "server's --spec-tokens)")
+    tokens: int | None = Field(default=None, ge=1, le=SPEC_TOKENS_MAX, description="drafts in flight at once "
+                               "(default and most: the server's --spec-tokens)")
 
 
 class SamplingBody(BaseModel):
@@ -63,7 +67,8 @@ class SamplingBody(BaseModel):
 
     max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate; prompt + max_tokens must "
                                    "fit the context (default: the endpoint's default, cut to the context left)")
-    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False, description="0 is greedy")
+    temperature: float = Field(default=1.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False,
+                               description="0 is greedy; at most 2, as OpenAI")
     top_k: int = Field(default=0, ge=0, description="keep the k likeliest tokens; 0 keeps all")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="seed for reproducible sampling")
@@ -378,6 +383,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class IntegerTooLong(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:  # before int(), whose time grows with the square of the digits
+        raise IntegerTooLong(f"request body has an integer of {digits} digits; no field takes one of more than 19")
+    return int(text)
+
+
 async def read_json(request: Request, limit: int) -> dict:
     """The JSON object body, or an APIError: 415 wrong content type, 413 too large, 400 not JSON."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -393,10 +409,12 @@ async def read_json(request: Request, limit: int) -> dict:
         if len(body) > limit:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except IntegerTooLong as e:
+        raise APIError(400, str(e), code="invalid_json") from e
     except RecursionError as e:
         raise APIError(400, "request body is nested too deeply", code="invalid_json") from e
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, an integer over Python's 4300 digits, NaN
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")

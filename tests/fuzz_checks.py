@@ -4,9 +4,10 @@
 must not be rejected) with exactly these rejections that a JSON Schema cannot state, all documented 400s:
 
 - `context_length_exceeded`: prompt + max_tokens must fit the context, counted in tokens, not characters;
-- one field bounded by another: `speculative.draft_loops` below the request's own `loops`; `best_of` at least
-  `n`; `min_tokens` at most `max_tokens`; `loops` at most `max_loops`; `top_logprobs` only with `logprobs`;
-  `min_loops` at most `max_loops`; an explicit `speculative` not with `loops: "auto"`;
+- one field bounded by another: `speculative.draft_loops` below the request's own `loops` (so no draft at
+  `loops` 1); `best_of` at least `n`; `min_tokens` at most `max_tokens`; `loops` at most `max_loops`;
+  `top_logprobs` only with `logprobs`; `min_loops` at most `max_loops`; an explicit `speculative` not with
+  `loops: "auto"`; `messages` with a user's message, not only system or developer instructions;
 - `best_of` > `n` with `stream` (the best are known only at the end);
 - /tokenize takes `prompt` or `messages`, one of them (both may be null in its schema);
 - an integer field written as a float (`"loops": 4.0`): JSON Schema's `integer` admits 4.0, while our one
@@ -29,7 +30,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 CROSS_FIELD = ("speculative.draft_loops must be in", "best_of (", "min_tokens (", "top_logprobs needs logprobs",
                "best_of > n cannot stream", "give either prompt or messages", "loops (",  # loops (8) exceeds max_loops
-               "speculative decoding and loops")
+               "speculative decoding and loops", "speculative: a draft runs fewer loops",  # at loops 1
+               "messages holds only system or developer")  # a conversation needs a user's message
 
 
 def integral_float(value: Any) -> bool:

@@ -52,6 +52,15 @@ BAD_BODIES = [  # (path, JSON text, status, param, code)
      '"json_object"}}', 400, "response_format", "unsupported_parameter"),
     ("/v1/completions", '{"prompt": "hi", "model": "gpt-4"}', 404, "model", "model_not_found"),
     ("/v1/completions", '{"prompt": "hi", "max_tokens": 64}', 400, "max_tokens", "context_length_exceeded"),
+    # Issue 25: bounds a client can read in the schema, and conversations OpenAI refuses.
+    ("/generate", '{"prompt": "hi", "temperature": 7.24e307}', 400, "temperature", None),
+    ("/v1/completions", '{"prompt": "hi", "temperature": 2.01}', 400, "temperature", None),
+    ("/generate?loops=4", '{"prompt": "hi", "speculative": {"draft_loops": 1, "tokens": 1000000}}', 400,
+     "speculative", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user"}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": []}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "system", "content": "Be brief."}]}', 400, "messages", None),
+    ("/tokenize", '{"messages": [{"role": "developer", "content": "Be brief."}]}', 400, "messages", None),
 ]
 
 

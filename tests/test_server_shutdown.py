@@ -63,3 +63,22 @@ def test_sigterm_drains_then_aborts_and_exits_0(serve_process):
     assert proc.wait(30) == 0, proc.stdout.read()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_port_stays_open_and_answers_503_while_draining(serve_process):
+    """Issue 25: a load balancer's probe during the drain gets the documented 503, not a refused connection."""
+    proc, url = serve_process
+    body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        health = httpx.get(f"{url}/health", timeout=5)  # a fresh connection: the socket still listens
+        assert health.status_code == 503 and health.json()["error"]["code"] == "draining", health.text
+        late = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready", late.text
+        assert list(events)[-2]["finish_reason"] == "abort"
+    assert proc.wait(30) == 0, proc.stdout.read()
+    with pytest.raises(httpx.TransportError):  # drained: the port is closed
+        httpx.get(f"{url}/health", timeout=2)
