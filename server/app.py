@@ -96,7 +96,12 @@ class ServerState:
         cfg = loaded.model.config  # the serving config (caps and KV budget applied)
         # A rendered prompt over twice the largest body is a template repeating its input, never a conversation.
         self.chat = ChatTemplate(loaded.chat_template, max_chars=2 * self.options.max_body)
-        self.chat.check()  # a template that fails, hangs or explodes on a small conversation refuses the checkpoint
+        try:
+            self.chat.check()  # a template that fails, hangs or explodes on a small conversation refuses the checkpoint
+        except BaseException:
+            if loaded.engine is not None:  # the engine process is already up: it goes with the refusal
+                loaded.engine.stop(timeout=5)
+            raise
         self.metrics = engine.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine.start()
         self.loaded, self.engine = loaded, engine

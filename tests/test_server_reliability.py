@@ -25,8 +25,8 @@ import httpx
 import pytest
 import uvicorn
 from loopgpt.server.app import ServerOptions, create_app
+from loopgpt.server.engine import load_backend
 from loopgpt.server.protocol import MAX_HEADER_BYTES, listen_socket, uvicorn_config
-from loopgpt.server.runner import load_backend
 from loopgpt.server.templates import RENDER_TIMEOUT_S
 from server_harness import free_port, metric_value, post, running_server, wait_healthy
 
@@ -55,7 +55,7 @@ def with_template(checkpoint: Path, directory: Path, template: str) -> Path:
 @contextlib.contextmanager
 def served(checkpoint: Path, header_timeout: float = 10.0, **options) -> Iterator[tuple[str, object]]:
     """server_harness.running_server, but on `loopgpt serve`'s own socket and protocol (server/protocol.py)."""
-    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu"), ServerOptions(**options))
+    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu", "float32"), ServerOptions(**options))
     sock = listen_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn_config(app, header_timeout, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -226,7 +226,7 @@ class EngineClient:
             self.push.close(linger=0)
         if self.thread is None:  # the receiver owns the PULL socket once started
             self.pull.close(linger=0)
-        self.dir.cleanup()
+        self.dir.cleanup()  # (again after a failed start: a no-op)
 
     def _send(self, msg: list) -> None:
         with self.lock, contextlib.suppress(zmq.ZMQError):
@@ -296,12 +296,11 @@ def spawn_engine(options: Any, onnx_loader: Any = None, threads: int = 1) -> Loa
     client = EngineClient(options, onnx_loader, threads)
     try:
         info = client.wait_ready()
+        config = LoopGPTConfig.from_dict(info["config"])
+        tokenizer = load_tokenizer(config.tokenizer, options.checkpoint)
     except BaseException:
-        if client.proc.is_alive():
-            client.proc.terminate()
+        client.stop(timeout=5)  # no engine process (and no open socket) outlives a failed start
         raise
-    config = LoopGPTConfig.from_dict(info["config"])
-    tokenizer = load_tokenizer(config.tokenizer, options.checkpoint)
     log.info("engine process %d: %d model threads", client.proc.pid, info["threads"])
     return Loaded(Described(config), tokenizer, info["evals"], info["name"], info["device"],
                   getattr(torch, info["dtype"]), info["chat_template"], engine=client)

@@ -3,7 +3,7 @@
 A Request is what the client asked for and never changes once submitted (but for its two status flags); the
 engine keeps everything it learns while serving it in a Row: its cache row, its tokens in flight, its counts.
 
-    python -c "from loopgpt.server.request import Request; help(Request)"
+    python -c "from loopgpt.server.engine.request import Request; help(Request)"
 """
 
 from __future__ import annotations
