@@ -170,7 +170,8 @@ async def generate(http: HTTPRequest):
                 elif ev.finish_reason == "error":
                     yield error_event(state, ev)
                 else:
-                    yield {"data": state.dumps(GenerateFinalEvent(text=ev.text, **summary(ev, loops)).model_dump())}
+                    final = GenerateFinalEvent(text=ev.text, **summary(ev, loops))
+                    yield {"data": state.dumps(final.model_dump(exclude_unset=True))}  # the keys `summary` has
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
     choice = (await collect(sub, http))[0]
