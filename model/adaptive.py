@@ -21,7 +21,8 @@ For the engine's decode step: keep each row's state before the loop (at loop 0, 
 `convergence(model, before, after, measure)` and `exits(...)` for the rows, and for the rows that stop after
 loop n call `copy_exit_kv(cache, rows, pos, n, budget)` once per distinct n. Which rows stopped has to come
 back to the host (one small copy per step, like the sampled tokens). Prefill: `adaptive_hidden` with the
-serving cache, rows, positions, padding write rows and a scratch row. A KV budget (`kv_budget`) is refused.
+serving cache, rows, positions, padding write rows and a scratch row. A KV budget (`kv_budget`) is refused
+(`check_adaptive`, which the server's admission uses too).
 
     python -c "from loopgpt.model import LoopGPT, preset; from loopgpt.model.adaptive import adaptive_hidden; \
 import torch; x, n = adaptive_hidden(LoopGPT(preset('tiny')).eval(), torch.tensor([[1, 2, 3]]), 0.1); print(n)"
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from .config import LoopGPTConfig
 from .forward import LoopModel
+from .generate import RequestError
 from .kv_cache import CacheAccess, KVCache, position_mask
 
 MEASURES = ("hidden", "cosine", "kl", "entropy")
@@ -45,16 +47,23 @@ DEFAULT_MEASURE = "cosine"  # the best at equal decode cost on valid.txt (docs/r
 
 def check_adaptive(config: LoopGPTConfig, tol: float, max_loops: int | None = None, min_loops: int = 1,
                    measure: str = DEFAULT_MEASURE) -> tuple[int, int]:
-    """(max_loops, min_loops) with max_loops defaulting to the trained one; a ValueError sentence otherwise."""
+    """(max_loops, min_loops) with max_loops defaulting to the trained one; otherwise a RequestError sentence
+    naming the setting at fault (the server's 400 names the same field)."""
     max_loops = config.max_loops if max_loops is None else max_loops
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tol!r}")
+        raise RequestError(f"tolerance must be a finite number >= 0, got {tol!r}", "tolerance")
     if isinstance(max_loops, bool) or not isinstance(max_loops, int) or not 1 <= max_loops <= config.loop_cap:
-        raise ValueError(f"max_loops must be in 1..{config.loop_cap} (the checkpoint's loop cap), got {max_loops!r}")
+        raise RequestError(f"max_loops must be in 1..{config.loop_cap} (the checkpoint's loop cap), got "
+                           f"{max_loops!r}", "max_loops")
     if isinstance(min_loops, bool) or not isinstance(min_loops, int) or not 1 <= min_loops <= max_loops:
-        raise ValueError(f"min_loops must be in 1..{max_loops} (max_loops), got {min_loops!r}")
+        raise RequestError(f"min_loops must be in 1..{max_loops} (max_loops), got {min_loops!r}", "min_loops")
     if measure not in MEASURES:
-        raise ValueError(f"convergence measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        raise RequestError(f"convergence measure must be one of {', '.join(MEASURES)}, got {measure!r}", "measure")
+    if config.kv_budget:
+        # With slots shared across loops, decoding reads earlier tokens' K/V of *deeper* loops, which a
+        # loop-by-loop pass over the whole sequence has not computed yet: the two would not agree.
+        raise RequestError(f"adaptive depth (loops \"auto\") needs one K/V slot per loop; this model shares slots "
+                           f"(kv_budget {config.kv_budget})", "loops")
     return max_loops, min_loops
 
 
@@ -125,11 +134,7 @@ def adaptive_hidden(model: LoopModel, idx: torch.Tensor, tol: float, max_loops: 
     at `pos` (B, T) (default: after each row's cached length), `write_rows` (B, T) sends some tokens' K/V
     elsewhere (padding), and `scratch` is a row nothing reads. The cache lengths do not move, as in `hidden`."""
     cfg = model.config
-    max_loops, min_loops = check_adaptive(cfg, tol, max_loops, min_loops, measure)
-    if cfg.kv_budget:
-        # With slots shared across loops, decoding reads earlier tokens' K/V of *deeper* loops, which a
-        # loop-by-loop pass over the whole sequence has not computed yet: the two would not agree.
-        raise ValueError(f"adaptive depth is evaluated without a KV budget (config kv_budget={cfg.kv_budget})")
+    max_loops, min_loops = check_adaptive(cfg, tol, max_loops, min_loops, measure)  # a KV budget is refused
     B, T = idx.shape
     dev = idx.device
     if kv_cache is None:

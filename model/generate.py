@@ -12,25 +12,46 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import LoopGPTConfig
 from .gpt import LoopGPT
 from .kv_cache import KVCache
 from .sampling import SamplingParams, fresh_seed, sample_row
 from .tokenizer import Tokenizer
 
 
-def check_request(model: LoopGPT, n_prompt: int, max_tokens: int, loops: int) -> None:
-    """The limits a request must respect, as sentences a client can act on."""
-    cfg = model.config
-    if not 1 <= loops <= cfg.loop_cap:
-        raise ValueError(f"loops must be in 1..{cfg.loop_cap}, got {loops}")
+class RequestError(ValueError):
+    """A request outside the model's limits: the sentence, the field at fault (`param`) and, where OpenAI has one,
+    its error code, so that the server's 400 and `loopgpt generate`'s exit say the same thing."""
+
+    def __init__(self, message: str, param: str, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def check_loops(config: LoopGPTConfig, loops: int, param: str = "loops") -> None:
+    if not 1 <= loops <= config.loop_cap:
+        raise RequestError(f"{param} must be in 1..{config.loop_cap}, got {loops}", param)
+
+
+def check_context(config: LoopGPTConfig, n_prompt: int, max_tokens: int) -> None:
+    """A prompt of `n_prompt` tokens and `max_tokens` more must fit the context."""
     if n_prompt < 1:
-        raise ValueError("prompt is empty: give at least one token of text")
+        raise RequestError("prompt is empty: give at least one token of text", "prompt")
+    if n_prompt >= config.block_size:
+        raise RequestError(f"prompt ({n_prompt} tokens) fills the context of {config.block_size} tokens; shorten it",
+                           "prompt", "context_length_exceeded")
+    if n_prompt + max_tokens > config.block_size:
+        raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                           f"{config.block_size} tokens; shorten the prompt or lower max_tokens", "max_tokens",
+                           "context_length_exceeded")
+
+
+def check_request(model: LoopGPT, n_prompt: int, max_tokens: int, loops: int) -> None:
+    """The limits a request must respect, as sentences a client can act on (the server's are the same)."""
+    check_loops(model.config, loops)
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if n_prompt + max_tokens > cfg.block_size:
-        raise ValueError(
-            f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of {cfg.block_size} tokens"
-        )
+        raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+    check_context(model.config, n_prompt, max_tokens)
 
 
 @torch.inference_mode()

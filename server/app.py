@@ -10,7 +10,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,10 +24,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from .admission import Admission
 from .chat import ChatTemplate
 from .chat_routes import router as chat_router
-from .engine import Adaptive, Engine, Loaded, build_engine
-from .engine.speculation import SpecRequest
+from .engine import Engine, Loaded, build_engine
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware, ReplicaHeader
 from .offload import Offload
@@ -64,6 +63,7 @@ class ServerState:
     on_fatal: Callable[[str], None] | None = None
     chat: ChatTemplate | None = None  # the checkpoint's chat template, or the default
     offload: Offload = field(default_factory=Offload)  # threads for templating, BPE, long JSON (server/offload.py)
+    admission: Admission | None = None  # the served model's limits and the rules a request is admitted by
 
     @property
     def config(self) -> Any:
@@ -71,7 +71,9 @@ class ServerState:
 
     @property
     def name(self) -> str:
-        return self.loaded.name
+        """The served model's name in /v1/models and in responses: the first --served-model-name, else the
+        checkpoint directory's name."""
+        return self.admission.name
 
     @property
     def max_body(self) -> int:
@@ -102,26 +104,12 @@ class ServerState:
             if loaded.engine is not None:  # the engine process is already up: it goes with the refusal
                 loaded.engine.stop(timeout=5)
             raise
+        self.admission = Admission(cfg, self.options, self.options.served_model_name or [loaded.name])
         self.metrics = engine.metrics = ServerMetrics(cfg.loop_cap, loaded.evals, trained=cfg.max_loops)
         engine.start()
         self.loaded, self.engine = loaded, engine
-        log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", loaded.name,
+        log.info("model %s loaded on %s: loops 1..%d (trained %d), context %d, max batch %d", self.name,
                  loaded.device, cfg.loop_cap, cfg.max_loops, cfg.block_size, self.options.max_batch)
-
-    def check_model(self, model: str | None) -> int | None:
-        """OpenAI's `model` field: absent, or the served model's id (as OpenAI and vLLM, 404 otherwise), which may
-        name a depth: `demo:loops=6` (for clients that can set nothing but the model, lm-eval's loglikelihood
-        requests among them). Returns that depth, or None."""
-        if model is None or model == self.name:
-            return None
-        name, _, loops = model.partition(":loops=")
-        if name != self.name:
-            raise APIError(404, f"the model {model[:100]!r} does not exist here; this server serves {self.name!r} "
-                           "(GET /v1/models)", "model", code="model_not_found")
-        if not re.fullmatch(r"[0-9]{1,9}", loops):
-            raise APIError(400, f"model: a depth is written {self.name}:loops=N, got {model[:100]!r}", "model")
-        self.check_loops(int(loops), "model")
-        return int(loops)
 
     def authorize(self, http: HTTPRequest) -> None:
         key = self.options.api_key
@@ -144,86 +132,8 @@ class ServerState:
         if isinstance(prompt, str):
             tokenizer = self.loaded.tokenizer
             return tokenizer.encoding.encode(prompt, allowed_special="all") if special else tokenizer.encode(prompt)
-        self.check_token_ids(prompt, "prompt")
+        self.admission.check_token_ids(prompt, "prompt")
         return list(prompt)
-
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", param)
-
-    def check_loops(self, loops: int | str, param: str = "loops") -> None:
-        if loops == "auto":
-            return
-        if not 1 <= loops <= self.config.loop_cap:
-            raise APIError(400, f"{param} must be in 1..{self.config.loop_cap}, got {loops}", param)
-
-    def check_choices(self, prompts: int, body: Any) -> None:
-        """Every prompt is one queue entry, and its candidates are admitted together: both must fit."""
-        rows, queue = self.options.max_batch, self.options.max_queue
-        if body.candidates() > rows:
-            param = "n" if body.candidates() == body.n else "best_of"
-            raise APIError(400, f"{param} ({body.candidates()}) exceeds the {rows} rows this server decodes together "
-                           "(--max-batch)", param)
-        if prompts > queue:
-            raise APIError(400, f"prompt: {prompts} prompts exceed the {queue} requests this server queues "
-                           "(--max-queue); send fewer per request", "prompt")
-
-    def adaptive(self, body: Any, loops: int | str) -> tuple[int, Adaptive | None]:
-        """(loops the engine runs at most, the adaptive policy or None) from `loops` and its companion fields."""
-        cfg = self.config
-        if body.min_loops is not None:  # a bad value is refused even where it would not be used
-            self.check_loops(body.min_loops, "min_loops")
-        if loops != "auto":  # the companions of "auto" mean nothing here, and are otherwise ignored
-            return loops, None
-        budget = cfg.max_loops if body.max_loops is None else body.max_loops
-        min_loops = min(budget, self.options.adaptive_min_loops) if body.min_loops is None else body.min_loops
-        if min_loops > budget:
-            raise APIError(400, f"min_loops must be in 1..{budget} (max_loops), got {min_loops}", "min_loops")
-        if cfg.kv_budget:
-            raise APIError(400, "loops \"auto\" needs one K/V slot per loop; this model shares slots (kv_budget "
-                           f"{cfg.kv_budget})", "loops")
-        tolerance = self.options.adaptive_tolerance if body.tolerance is None else body.tolerance
-        return budget, Adaptive(tolerance, min_loops)
-
-    def speculation(self, asked: Any, loops: int, adaptive: Adaptive | None = None) -> SpecRequest | None:
-        """A request's `speculative` field (or the server's default) as the engine's SpecRequest, or None (plain).
-        `auto` quietly stays plain where drafting is impossible; an explicit draft that cannot run is a 400."""
-        asked = self.options.speculative if asked is None else asked
-        if asked == "off" or (adaptive is not None and asked == "auto"):
-            return None
-        if adaptive is not None:
-            raise APIError(400, "speculative decoding and loops \"auto\" do not combine: a draft needs to know "
-                           "the depth of the token it stands in for", "speculative")
-        possible = self.options.spec_tokens > 0 and self.config.kv_budget == 0 and loops > 1
-        if asked == "auto":
-            return SpecRequest(auto=True) if possible else None
-        if self.options.spec_tokens == 0:
-            raise APIError(400, "self-speculative decoding is off on this server (--spec-tokens 0)", "speculative")
-        if self.config.kv_budget:
-            raise APIError(400, "self-speculative decoding needs one K/V slot per loop; this model shares slots "
-                           f"(kv_budget {self.config.kv_budget})", "speculative")
-        if loops < 2:
-            raise APIError(400, f"speculative: a draft runs fewer loops than the request, so self-speculative decoding "
-                           f"needs loops >= 2; this request runs {loops}", "speculative")
-        if not 1 <= asked.draft_loops < loops:
-            raise APIError(400, f"speculative.draft_loops must be in 1..{loops - 1} (below loops, {loops}), got "
-                           f"{asked.draft_loops}", "speculative")
-        # at most the server's --spec-tokens: a client cannot know the server's lanes, so more is not an error
-        return SpecRequest(draft_loops=asked.draft_loops, tokens=min(asked.tokens or 1 << 30, self.options.spec_tokens))
-
-    def check_limits(self, n_prompt: int, max_tokens: int) -> None:
-        cfg = self.config
-        if n_prompt < 1:
-            raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
-        if n_prompt >= cfg.block_size:
-            raise APIError(400, f"prompt ({n_prompt} tokens) fills the context of {cfg.block_size} tokens; "
-                           "shorten it", "prompt", code="context_length_exceeded")
-        if n_prompt + max_tokens > cfg.block_size:
-            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                           f"{cfg.block_size} tokens; shorten the prompt or lower max_tokens", "max_tokens",
-                           code="context_length_exceeded")
 
     @staticmethod
     def dumps(obj: dict) -> str:

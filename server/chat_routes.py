@@ -7,7 +7,6 @@ and lm-eval's remote tokenizer reads: `POST /tokenize`, `POST /detokenize`, `GET
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
@@ -22,6 +21,8 @@ from .chat import (
     ChatBody,
     ChatChoice,
     ChatChunk,
+    ChatChunkChoice,
+    ChatDelta,
     ChatResponse,
     DetokenizeBody,
     DetokenizeResponse,
@@ -32,7 +33,7 @@ from .chat import (
 from .engine import FinishEvent, TokenEvent
 from .logprobs import chat_entry
 from .openapi import error_responses, generation_doc, json_body_doc, stream_content
-from .routes import GENERATION_ERRORS, Submission, collect, error_event, response_head, submit, summary
+from .routes import GENERATION_ERRORS, Submission, collect, openai_stream, response_head, submit
 from .schemas import APIError, ErrorResponse, parse_body, read_json
 
 router = APIRouter()
@@ -58,7 +59,7 @@ async def chat_completions(http: HTTPRequest):
     sub = await submit(http, "chat", ChatBody, encode_chat, template.stops if template else [])
     head = response_head(sub.state, "chat.completion", "chatcmpl")
     if sub.body.stream:
-        return EventSourceResponse(chat_stream(sub, {**head, "object": "chat.completion.chunk"}))
+        return EventSourceResponse(openai_stream(sub, {**head, "object": "chat.completion.chunk"}, ChatParts(sub)))
     tokenizer = sub.state.loaded.tokenizer
     out = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.final.finish_reason,
                       logprobs={"content": [chat_entry(tokenizer, t.token_id, -t.nll, t.top) for t in c.tokens]}
@@ -67,32 +68,28 @@ async def chat_completions(http: HTTPRequest):
     return JSONResponse(ChatResponse(**head, choices=out, **ch.totals(sub.choices, sub.loops)).model_dump())
 
 
-async def chat_stream(sub: Submission, head: dict) -> AsyncIterator[dict]:
-    state, body, tokenizer = sub.state, sub.body, sub.state.loaded.tokenizer
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    extra: dict = {"usage": None} if include_usage else {}
+class ChatParts:
+    """The choices of a chat stream (see routes.openai_stream): first the assistant's role for every choice, then
+    one per token (with its logprobs, when asked), the one of the FinishEvent with finish_reason."""
 
-    def event(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None, **more) -> dict:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"data": state.dumps({**head, "choices": [choice], **extra, **more})}
+    chunk = ChatChunk
 
-    for i in range(len(sub.choices)):
-        yield event(i, {"role": "assistant", "content": ""})
-    async for i, ev in ch.events(state.engine, sub.choices, sub.queue):
-        if isinstance(ev, FinishEvent) and ev.finish_reason == "error":
-            yield error_event(state, ev)
-            break
+    def __init__(self, sub: Submission):
+        self.sub, self.tokenizer = sub, sub.state.loaded.tokenizer
+
+    def opening(self) -> list[ChatChunkChoice]:
+        return [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                                finish_reason=None) for i in range(len(self.sub.choices))]
+
+    def parts(self, i: int, ev: Any) -> list[ChatChunkChoice]:
         if isinstance(ev, TokenEvent):
-            logprobs = {"content": [chat_entry(tokenizer, ev.token_id, -ev.nll, ev.top)]} if body.logprobs else None
-            yield event(i, {"content": ev.text}, logprobs)
-        elif isinstance(ev, FinishEvent):
-            s = summary(ev, sub.loops)
-            yield event(i, {"content": ev.text} if ev.text else {}, None, ev.finish_reason, loops=sub.loops,
-                        loops_per_token=s["loops_per_token"], timing=s["timing"], quality=s["quality"])
-    else:
-        if include_usage:
-            yield {"data": state.dumps({**head, "choices": [], "usage": ch.usage(sub.choices)})}
-    yield {"data": "[DONE]"}
+            logprobs = ({"content": [chat_entry(self.tokenizer, ev.token_id, -ev.nll, ev.top)]}
+                        if self.sub.body.logprobs else None)
+            return [ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), logprobs=logprobs, finish_reason=None)]
+        if isinstance(ev, FinishEvent):
+            delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+            return [ChatChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=ev.finish_reason)]
+        return []
 
 
 # ---- tokenizer routes ----
@@ -101,7 +98,7 @@ async def tokenizer_body(http: HTTPRequest, model: type) -> tuple[Any, Any]:
     state = http.app.state.loopgpt
     state.ready(http)
     body = parse_body(model, await read_json(http, state.max_body))
-    state.check_model(body.model)
+    state.admission.model(body.model)
     return state, body
 
 
@@ -135,7 +132,7 @@ async def detokenize(http: HTTPRequest):
 
 
 def detokenize_response(state: Any, body: DetokenizeBody) -> JSONResponse:
-    state.check_token_ids(body.tokens, "tokens")
+    state.admission.check_token_ids(body.tokens, "tokens")
     return JSONResponse(DetokenizeResponse(prompt=state.loaded.tokenizer.decode(body.tokens)).model_dump())
 
 

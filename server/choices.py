@@ -5,7 +5,7 @@ becomes prompts x candidates engine requests. The candidates of one prompt are o
 others as `siblings`, so the engine admits them together and prefills the prompt once; candidate i samples with
 seed + i. Every request emits `(choice number, event)` into the handler's one asyncio queue.
 
-    python -m pytest tests/test_api_completions.py -q
+    python -m pytest tests/test_api_choices.py -q
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopgpt.model import SamplingParams
+from loopgpt.model.sampling import SEED_MAX
 
+from .admission import Admitted
 from .engine import FinishEvent, Request, TokenEvent
 from .logprobs import PromptScores
-from .schemas import SEED_MAX
 
 
 @dataclass
@@ -51,14 +51,14 @@ class Choice:
         return -sum(t.nll for t in self.tokens)
 
 
-def build(prompts: list[list[int]], candidates: int, loops: int, max_tokens: int, params: SamplingParams,
-          seed: int | None, emit: Callable[[int], Callable[[Any], None]], **fields: Any) -> list[Choice]:
+def build(admitted: Admitted, emit: Callable[[int], Callable[[Any], None]], endpoint: str) -> list[Choice]:
     """Choices in order (prompt-major); the first of each prompt's group carries the others as siblings."""
-    choices: list[Choice] = []
-    for p, ids in enumerate(prompts):
-        group = [Request(ids, loops, max_tokens, params, emit=emit(len(choices) + i),
-                         seed=None if seed is None else (seed + i) % (SEED_MAX + 1), **fields)
-                 for i in range(candidates)]
+    a, choices = admitted, []
+    for p, ids in enumerate(a.prompts):
+        group = [Request(ids, a.depth.loops, a.max_tokens, a.params, emit=emit(len(choices) + i),
+                         seed=None if a.seed is None else (a.seed + i) % (SEED_MAX + 1), stop=a.stop,
+                         endpoint=endpoint, speculative=a.speculative, adaptive=a.depth.adaptive, **a.fields)
+                 for i in range(a.candidates)]
         group[0].siblings = group[1:]
         choices += [Choice(req, p, i) for i, req in enumerate(group)]
     return choices

@@ -62,10 +62,11 @@ class InProcess:
     def submit(self, prompt: list[int], loops: int, max_tokens: int, then: Any = None,
                speculative: SpecRequest | None = None, params: SamplingParams = GREEDY, seed: int | None = None,
                adaptive: Adaptive | None = None) -> Waiter:
-        """`loops` is the budget when `adaptive` is given."""
+        """`loops` is ignored when `adaptive` is given (its max_loops is the budget)."""
         waiter = Waiter(then)
-        self.engine.submit(Request(list(prompt), loops, max_tokens, params, emit=waiter, eos_token=-1,
-                                   endpoint="bench", speculative=speculative, seed=seed, adaptive=adaptive))
+        self.engine.submit(Request(list(prompt), None if adaptive else loops, max_tokens, params, emit=waiter,
+                                   eos_token=-1, endpoint="bench", speculative=speculative, seed=seed,
+                                   adaptive=adaptive))
         return waiter
 
     def generate(self, specs: list[tuple[list[int], int, int]], timeout: float = 600.0,

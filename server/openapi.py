@@ -37,7 +37,7 @@ ERRORS = {
     400: "invalid input: the message names the field (`param`); `context_length_exceeded` when prompt + max_tokens "
          "does not fit the context",
     401: "missing or wrong API key (only when the server has one)",
-    404: "the `model` is not the one served (`model_not_found`)",
+    404: "the `model` is none of the served model's names (`model_not_found`)",
     413: "body larger than --max-body",
     415: "Content-Type is not application/json",
     429: "queue full: retry after `Retry-After` seconds",

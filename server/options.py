@@ -29,6 +29,10 @@ def option(default: Any, help: str, **flag: Any) -> Any:
 @dataclass
 class ServerOptions:
     checkpoint: str = option(DEFAULT_CHECKPOINT, "checkpoint directory (or ONNX export directory with --backend onnx)")
+    served_model_name: list[str] | None = option(None, "the names the model answers to in a request's `model` "
+                                                 "(also NAME:loops=N); the first is the one /v1/models and responses "
+                                                 "report (default: the checkpoint directory's name)", nargs="+",
+                                                 metavar="NAME")
     host: str = option("127.0.0.1", "address to bind")
     port: int = option(8000, "TCP port to listen on")
     backend: str = option("torch", "model runtime", choices=("torch", "onnx"))
@@ -122,6 +126,12 @@ class ServerOptions:
                 raise ValueError("give --api-key (or $LOOPGPT_API_KEY) or --api-key-file, not both")
             self.api_key = read_key_file(self.api_key_file)
         self.api_key = self.api_key or None  # an empty key means no key, as an unset variable does
+        if isinstance(self.served_model_name, str):  # one name, as a Ray Serve config may give it
+            self.served_model_name = [self.served_model_name]
+        for name in self.served_model_name or []:
+            if not name.strip() or ":loops=" in name:
+                raise ValueError(f"--served-model-name takes non-empty names without ':loops=' (a client adds that "
+                                 f"to name a depth), got {name!r}")
 
 
 def read_key_file(path: str) -> str:

@@ -15,15 +15,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from loopgpt.model import SamplingParams
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
 from . import choices as ch
+from .admission import query_loops
 from .engine import FinishEvent, NotAccepting, QueueFull, TokenEvent
 from .logprobs import CompletionLogprobs, PromptScores
 from .openapi import error_responses, generation_doc, stream_content
@@ -38,20 +38,21 @@ from .schemas import (
     GenerateFinalEvent,
     GenerateResponse,
     GenerateTokenEvent,
+    OpenAIChunk,
     parse_body,
-    query_loops,
     read_json,
 )
 
 router = APIRouter()
 RETRY_AFTER_S = "1"
+DEPTH_FIELDS = ("loops", "loops_per_token", "timing", "quality")  # of a stream's final chunk, from `summary`
 
 
 @dataclass
 class Submission:
     state: Any
     body: Any
-    loops: int
+    loops: int | str  # as responses give it back: the depth, or "auto"
     choices: list[ch.Choice]
     queue: asyncio.Queue
 
@@ -65,8 +66,8 @@ Encoder = Callable[[Any, Any], list[list[int]]]  # (state, body) -> the token id
 
 async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encoder,
                  more_stops: list[str] | None = None) -> Submission:
-    """Validate, build and submit the engine requests; counts every outcome in requests_total. `more_stops` are
-    added to the body's stop strings (the chat template's end of turn)."""
+    """Read the request, admit it (server/admission.py) and submit its engine requests; counts every outcome in
+    requests_total. `more_stops` are added to the body's stop strings (the chat template's end of turn)."""
     state = http.app.state.loopgpt
     loops: Any = None
     try:
@@ -74,34 +75,17 @@ async def submit(http: HTTPRequest, endpoint: str, body_cls: type, encode: Encod
         loops = query_loops(http.query_params.getlist("loops"))  # first, so that later errors carry its label
         http.state.loops = loops  # for the 500 counter, should anything below fail unexpectedly
         body = parse_body(body_cls, await read_json(http, state.max_body))
-        if body.loops is not None:  # checked even when the query wins: a bad value is never silently ignored
-            state.check_loops(body.loops)
-        if body.max_loops is not None:
-            state.check_loops(body.max_loops, "max_loops")
-        named = state.check_model(getattr(body, "model", None))
-        loops = body.resolve_loops(loops, state.config.max_loops, named)  # an int, or "auto"
-        http.state.loops = loops
-        budget, adaptive = state.adaptive(body, loops)  # with "auto", the most loops a token may run
-        stop = body.stop_list()
-        stop += [s for s in more_stops or [] if s not in stop]
+        depth = state.admission.depth(body, loops)
+        loops = http.state.loops = depth.label
         prompts = await state.offload(encode, state, body)  # templating and BPE: off the event loop
-        state.check_choices(len(prompts), body)
-        max_tokens = body.tokens_to_generate(max(len(p) for p in prompts), state.config.block_size)
-        state.check_loops(budget)
-        for ids in prompts:
-            state.check_limits(len(ids), max_tokens)
-        body.check_tokens(max_tokens)
-        state.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
-        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
-        speculative = state.speculation(body.speculative, budget, adaptive)
+        admitted = state.admission.admit(body, depth, prompts, more_stops or [])
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def emit(i: int) -> Callable[[Any], None]:
             return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-        choices = ch.build(prompts, body.candidates(), budget, max_tokens, params, body.seed, emit, stop=stop,
-                           speculative=speculative, adaptive=adaptive, endpoint=endpoint, **body.engine_fields())
+        choices = ch.build(admitted, emit, endpoint)
         try:
             state.engine.submit_all(ch.leaders(choices))
         except QueueFull as e:
@@ -181,11 +165,13 @@ async def generate(http: HTTPRequest):
         async def stream() -> AsyncIterator[dict]:
             async for _, ev in ch.events(state.engine, sub.choices, sub.queue):
                 if isinstance(ev, TokenEvent):
-                    yield {"data": state.dumps({"text": ev.text, "token_id": ev.token_id, "index": ev.index})}
+                    out = GenerateTokenEvent(text=ev.text, token_id=ev.token_id, index=ev.index)
+                    yield {"data": state.dumps(out.model_dump())}
                 elif ev.finish_reason == "error":
                     yield error_event(state, ev)
                 else:
-                    yield {"data": state.dumps({"text": ev.text, **summary(ev, loops)})}
+                    final = GenerateFinalEvent(text=ev.text, **summary(ev, loops))
+                    yield {"data": state.dumps(final.model_dump(exclude_unset=True))}  # the keys `summary` has
             yield {"data": "[DONE]"}
         return EventSourceResponse(stream())
     choice = (await collect(sub, http))[0]
@@ -213,7 +199,7 @@ async def completions(http: HTTPRequest):
     sub = await submit(http, "completions", CompletionBody, encode_completions)
     head = response_head(sub.state, "text_completion", "cmpl")
     if sub.body.stream:
-        return EventSourceResponse(completion_stream(sub, head))
+        return EventSourceResponse(openai_stream(sub, head, CompletionParts(sub)))
     body, tokenizer = sub.body, sub.state.loaded.tokenizer
     out = []
     for index, c in enumerate(ch.best(await collect(sub, http), body.n)):
@@ -233,41 +219,69 @@ def completion_logprobs(tokenizer: Any, c: ch.Choice, body: CompletionBody) -> d
     return lp.whole
 
 
-async def completion_stream(sub: Submission, head: dict) -> AsyncIterator[dict]:
-    """One chunk per event of every choice (its number is its index), the prompt first with echo."""
-    state, body, tokenizer = sub.state, sub.body, sub.state.loaded.tokenizer
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    extra: dict = {"usage": None} if include_usage else {}
-    logs = [CompletionLogprobs(tokenizer) for _ in sub.choices]
-    echoed: set[int] = set()
+class StreamParts(Protocol):
+    """What one route's OpenAI stream sends (see `openai_stream`): CompletionParts here, chat_routes.ChatParts."""
+
+    chunk: type[OpenAIChunk]  # the response model every chunk is built through
+
+    def opening(self) -> list[Any]: ...  # the choices sent before any event
+
+    def parts(self, i: int, ev: Any) -> list[Any]: ...  # the choices of choice i's event `ev`, in order
+
+
+class CompletionParts:
+    """The choices of a /v1/completions stream, per engine event: with echo, the prompt first (with its logprobs,
+    when they were asked), then one per token; the one of the FinishEvent carries finish_reason."""
+
+    chunk = CompletionChunk
+
+    def __init__(self, sub: Submission):
+        self.sub, self.tokenizer = sub, sub.state.loaded.tokenizer
+        self.logs = [CompletionLogprobs(self.tokenizer) for _ in sub.choices]
+        self.echoed: set[int] = set()
+
+    def opening(self) -> list[CompletionChoice]:
+        return []
+
+    def parts(self, i: int, ev: Any) -> list[CompletionChoice]:
+        body, req, out = self.sub.body, self.sub.choices[i].req, []
+        if body.echo and i not in self.echoed:  # the prompt's scores, when asked for, are its first event
+            self.echoed.add(i)
+            scores = ev if isinstance(ev, PromptScores) else PromptScores([], [])
+            part = self.logs[i].prompt(req.prompt_ids, scores) if body.logprobs is not None else None
+            out.append(CompletionChoice(index=i, text=self.tokenizer.decode(req.prompt_ids), logprobs=part,
+                                        finish_reason=None))
+        if isinstance(ev, TokenEvent):
+            part = self.logs[i].add(ev.token_id, -ev.nll, ev.top) if body.logprobs is not None else None
+            out.append(CompletionChoice(index=i, text=ev.text, logprobs=part, finish_reason=None))
+        elif isinstance(ev, FinishEvent):
+            out.append(CompletionChoice(index=i, text=ev.text, logprobs=None, finish_reason=ev.finish_reason))
+        return out
+
+
+async def openai_stream(sub: Submission, head: dict, shape: StreamParts) -> AsyncIterator[dict]:
+    """OpenAI's event stream, for completions and chat alike, each chunk built through `shape.chunk`: the opening
+    choices, then the parts of every event; the chunk of a FinishEvent's last part carries the depth fields. A
+    usage chunk closes the stream with stream_options.include_usage; a request that failed in the engine ends it
+    with an error event instead."""
+    state, options = sub.state, sub.body.stream_options
+    extra: dict = {"usage": None} if options is not None and options.include_usage else {}
+
+    def event(**fields: Any) -> dict:  # the fields as given: a chunk has no key its route did not set
+        return {"data": state.dumps(shape.chunk(**head, **fields).model_dump(exclude_unset=True))}
+
+    for choice in shape.opening():
+        yield event(choices=[choice], **extra)
     async for i, ev in ch.events(state.engine, sub.choices, sub.queue):
         if isinstance(ev, FinishEvent) and ev.finish_reason == "error":
             yield error_event(state, ev)
             break
-        c = sub.choices[i]
-        if body.echo and i not in echoed:  # the prompt comes first (with its logprobs, when they were asked)
-            echoed.add(i)
-            scores = ev if isinstance(ev, PromptScores) else PromptScores([], [])
-            part = logs[i].prompt(c.req.prompt_ids, scores) if body.logprobs is not None else None
-            yield chunk(state, head, extra, i, tokenizer.decode(c.req.prompt_ids), part)
-        if isinstance(ev, PromptScores):
-            continue
-        choice_extra = dict(extra)
-        if isinstance(ev, TokenEvent):
-            part = logs[i].add(ev.token_id, -ev.nll, ev.top) if body.logprobs is not None else None
-            yield chunk(state, head, extra, i, ev.text, part)
-            continue
-        s = summary(ev, sub.loops)
-        choice_extra.update(loops=sub.loops, loops_per_token=s["loops_per_token"], timing=s["timing"],
-                            quality=s["quality"])
-        yield chunk(state, head, choice_extra, i, ev.text, None, ev.finish_reason)
+        parts = shape.parts(i, ev)
+        for n, choice in enumerate(parts):
+            last = isinstance(ev, FinishEvent) and n == len(parts) - 1
+            depth = {k: v for k, v in summary(ev, sub.loops).items() if k in DEPTH_FIELDS} if last else {}
+            yield event(choices=[choice], **extra, **depth)
     else:
-        if include_usage:
-            yield {"data": state.dumps({**head, "choices": [], "usage": ch.usage(sub.choices)})}
+        if extra:
+            yield event(choices=[], usage=ch.usage(sub.choices))
     yield {"data": "[DONE]"}
-
-
-def chunk(state: Any, head: dict, extra: dict, index: int, text: str, logprobs: dict | None,
-          finish_reason: str | None = None) -> dict:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"data": state.dumps({**head, "choices": [choice], **extra})}

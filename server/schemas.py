@@ -13,15 +13,14 @@ The OpenAPI document (`/openapi.json`) is generated from these models.
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, ClassVar, Literal
 
+from loopgpt.model.sampling import SEED_MAX
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.requests import Request
 
 from .options import SPEC_TOKENS_MAX
 
-SEED_MAX = 2**63 - 1
 TEMPERATURE_MAX = 2.0  # OpenAI's bound; far above it the float32 logits / temperature lose all meaning
 MAX_INT_DIGITS = 100  # far above any field's range (a seed has 19 digits), far below what int() takes long to read
 PRIORITY_LIMIT = 2**31  # |priority| below this: a label of the per-priority gauge stays short
@@ -102,26 +101,15 @@ class SamplingBody(BaseModel):
                                   "a 400)")
     default_max_tokens: ClassVar[int] = 64
 
-    def resolve_loops(self, query: int | str | None, default: int, named: int | None = None) -> int | str:
-        """The depth this request runs at: the query's, the body's, the model name's (`demo:loops=6`), else the
-        default cut to max_loops; or "auto" (the budget is then max_loops: see ServerState.adaptive)."""
-        loops = next((n for n in (query, self.loops, named) if n is not None), None)
-        if loops is None:
-            return min(default, self.max_loops or default)
-        if loops == "auto":
-            return loops
-        if self.max_loops is not None and loops > self.max_loops:
-            raise APIError(400, f"loops ({loops}) exceeds this request's max_loops ({self.max_loops})", "max_loops")
-        return loops
-
     def candidates(self) -> int:
         """Sequences generated per prompt."""
         return 1
 
     def engine_fields(self) -> dict[str, Any]:
-        """What the engine's Request takes from this body besides prompt, depth, length and sampling."""
+        """What the engine's Request takes from this body besides prompt, depth, length and sampling (those are
+        server/admission.py's)."""
         return {"min_tokens": self.min_tokens, "stop_token_ids": list(self.stop_token_ids or []),
-                "priority": self.priority, "max_loops": self.max_loops, "eos_token": -1 if self.ignore_eos else None}
+                "priority": self.priority, "eos_token": -1 if self.ignore_eos else None}
 
     def check_tokens(self, max_tokens: int) -> None:
         if self.min_tokens > max_tokens:
@@ -155,8 +143,9 @@ class StreamOptions(BaseModel):
 class OpenAIBody(SamplingBody):
     """Fields /v1/completions and /v1/chat/completions share: choices, penalties (refused), the model's id."""
 
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); absent means it; "
-                              "`<id>:loops=N` also names a depth (below the query's and the body's loops)")
+    model: str | None = Field(default=None, description="one of the served model's names (GET /v1/models "
+                              "reports the first; `serve --served-model-name`); absent means it; `<name>:loops=N` also "
+                              "names a depth (below the query's and the body's loops)")
     n: int = Field(default=1, ge=1, description="choices per prompt, sampled with seeds seed, seed + 1, ... (the "
                    "prompt is prefilled once; at most the server's --max-batch)")
     stream_options: StreamOptions | None = None
@@ -438,17 +427,3 @@ def parse_body(model: type[BaseModel], data: dict) -> Any:
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param) from e
     body.check_supported()
     return body
-
-
-def query_loops(values: list[str]) -> int | str | None:
-    """`?loops=N` or `?loops=auto` (the values of every `loops` key); anything else, or a repeated key, is a 400
-    naming `loops`."""
-    if not values:
-        return None
-    if len(values) > 1:
-        raise APIError(400, f"loops is given {len(values)} times in the query; give it once", "loops")
-    if values[0].strip() == "auto":
-        return "auto"
-    if not re.fullmatch(r"[+-]?[0-9]{1,18}", values[0].strip()):
-        raise APIError(400, f"loops must be an integer or auto, got {values[0][:40]!r}", "loops")
-    return int(values[0])

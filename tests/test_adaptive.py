@@ -193,6 +193,6 @@ def test_kv_budget_override_is_a_validated_copy():
 
 def test_adaptive_refuses_a_kv_budget():
     model = tiny_model(kv_budget=2)
-    with pytest.raises(ValueError, match="without a KV budget"):
+    with pytest.raises(ValueError, match="needs one K/V slot per loop"):
         adaptive_hidden(model, torch.tensor([[1, 2, 3]]), 0.1)
 

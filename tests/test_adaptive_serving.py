@@ -53,8 +53,9 @@ def test_adaptive_requests_decode_as_the_policy_says_beside_fixed_ones(demo, tol
     engine = Engine(ModelRunner(model, 4), tokenizer)
     engine.start()
     try:
-        specs = [("Once upon a time", Adaptive(tol, min_loops), budget), ("The little dog", None, 3),
-                 ("She loved to play", Adaptive(tol, min_loops), budget), ("Mom said", None, 6)]
+        auto = Adaptive(tol, min_loops, budget)
+        specs = [("Once upon a time", auto, None), ("The little dog", None, 3),
+                 ("She loved to play", auto, None), ("Mom said", None, 6)]
         collectors = []
         for prompt, adaptive, loops in specs:
             collectors.append(Collector())

@@ -42,8 +42,8 @@ class Collector:
 
 def test_a_request_and_its_events_cross_the_wire_unchanged():
     sibling = Request([5], 2, 3, GREEDY, emit=print, seed=8, rid=4)
-    req = Request([1, 2, 3], 6, 9, SamplingParams(0.7, 5, 0.9), emit=print, seed=7, stop=["x"],
-                  speculative=SpecRequest(2, 3), adaptive=Adaptive(0.01, 3), logprobs=2, priority=-1, rid=3,
+    req = Request([1, 2, 3], None, 9, SamplingParams(0.7, 5, 0.9), emit=print, seed=7, stop=["x"],
+                  speculative=SpecRequest(2, 3), adaptive=Adaptive(0.01, 3, 6), logprobs=2, priority=-1, rid=3,
                   siblings=[sibling], stop_token_ids=[9], arrival=12.5)
     sinks: list[int] = []
     back = unpack_request(decode(encode(pack_request(req))), lambda rid: sinks.append(rid) or print)

@@ -120,7 +120,7 @@ def same(got: list[list[Events]], want: list[list[Events]]) -> None:
                 assert [p for _, p in ta.top] == pytest.approx([p for _, p in tb.top], rel=1e-4, abs=1e-5)
 
 
-def ask(ids: list[int], loops: int, **kw) -> dict:
+def ask(ids: list[int], loops: int | None, **kw) -> dict:
     return dict(prompt_ids=ids, loops=loops, max_tokens=kw.pop("max_tokens", 8), params=kw.pop("params", GREEDY),
                 logprobs=5, **kw)
 
@@ -249,8 +249,8 @@ def test_scored_prompts_are_scored_from_the_cache_at_their_own_depth(parts, pref
 def test_never_across_adaptive_requests(parts, prefix):
     model, tokenizer = parts
     ids = prefix + tokenizer.encode(" The end.")
-    auto = Adaptive(0.05, 2)
-    reqs = [ask(ids, 6, adaptive=auto), ask(ids, 6), ask(ids, 6, adaptive=auto), ask(ids, 6)]
+    auto = Adaptive(0.05, 2, 6)
+    reqs = [ask(ids, None, adaptive=auto), ask(ids, 6), ask(ids, None, adaptive=auto), ask(ids, 6)]
     got, _ = serve(model, tokenizer, reqs, MB)
     want, _ = serve(model, tokenizer, reqs, 0)
     same(got, want)

@@ -297,7 +297,7 @@ def test_bad_speculative_values_are_400_naming_the_field(url, spec, param):
 
 def test_serve_kv_budget_shares_slots_and_decodes_like_the_reference(tiny_checkpoint):
     """--kv-budget 2: the served model keeps 2 K/V slots per layer (loop 0's and one the deeper loops share); its
-    greedy text equals the reference decode of the same config; a speculative request is refused by name."""
+    greedy text equals the reference decode of the same config; a speculative or adaptive request is refused by name."""
     model, tokenizer, _ = load_checkpoint(tiny_checkpoint)
     model.config = model.config.with_kv_budget(2)
     with running_server(tiny_checkpoint, max_batch=2, kv_budget=2) as (url, app):
@@ -307,6 +307,8 @@ def test_serve_kv_budget_shares_slots_and_decodes_like_the_reference(tiny_checkp
         assert r.status_code == 200 and r.json()["text"] == c.text
         r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, "loops": 4, "speculative": {"draft_loops": 1}})
         assert r.status_code == 400 and "kv_budget" in r.json()["error"]["message"]
+        r = post(url, "/generate", {"prompt": "Hi", "max_tokens": 4, "loops": "auto"})  # model/adaptive.py's refusal
+        assert r.status_code == 400 and r.json()["error"]["param"] == "loops" and "(kv_budget 2)" in r.text
 
 
 def test_loops_auto_over_http_reports_the_loops_it_used(url):

@@ -340,8 +340,9 @@ class Engine(Scheduler):
         if self.metrics:
             self.metrics.finished(req, ev)
         ttft = f"{ev.ttft_s:.3f}s" if ev.ttft_s is not None else "-"
-        log.info("%s loops=%d prompt=%d tokens=%d finish=%s ttft=%s e2e=%.3fs tokens/s=%.1f", req.endpoint,
-                 req.loops, ev.prompt_tokens, ev.completion_tokens, reason, ttft, ev.e2e_s, ev.tokens_per_s)
+        log.info("%s loops=%s prompt=%d tokens=%d finish=%s ttft=%s e2e=%.3fs tokens/s=%.1f", req.endpoint,
+                 req.loops or "auto", ev.prompt_tokens, ev.completion_tokens, reason, ttft, ev.e2e_s,
+                 ev.tokens_per_s)
         self._emit(req, ev)
 
     def _emit(self, req: Request, event: Any) -> None:

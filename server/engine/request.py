@@ -22,10 +22,11 @@ from .speculation import SpecRequest, Speculation
 @dataclass(frozen=True)
 class Adaptive:
     """`loops: "auto"`: each token stops looping once its state converged (model/adaptive.py's policy: cosine
-    change of the hidden state below `tolerance`, after at least `min_loops`; the request's `loops` is the budget)."""
+    change of the hidden state below `tolerance`, after at least `min_loops`, at most `max_loops`, the budget)."""
 
     tolerance: float
-    min_loops: int = 2
+    min_loops: int
+    max_loops: int
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Request:
     """What a client asked for; the engine never changes it (only the two status flags)."""
 
     prompt_ids: list[int]
-    loops: int
+    loops: int | None  # the depth every token runs; None with `adaptive` (its max_loops is the budget)
     max_tokens: int
     params: SamplingParams
     emit: Callable[[Any], None]  # must be thread-safe: called from the engine thread
@@ -72,18 +73,25 @@ class Request:
     endpoint: str = "generate"
     arrival: float = field(default_factory=time.perf_counter)
     speculative: SpecRequest | None = None  # self-speculative decoding, or None for plain
-    adaptive: Adaptive | None = None  # loops "auto": `loops` is then the budget
+    adaptive: Adaptive | None = None  # loops "auto"
     logprobs: int | None = None  # top alternatives reported per generated token (0..5); None: none
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo), from its prefill
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end the request as EOS does (not in the text)
     priority: int = 0  # lower is admitted first; ties in arrival order
-    max_loops: int | None = None  # the client's depth budget, as given (with loops "auto", `loops` is it)
     siblings: list[Request] = field(default_factory=list)  # further choices of this prompt (n > 1): admitted
     # together with it (all rows or none), their prompt copied from its prefill
     rid: int = 0  # the request's id across the engine-process boundary (server/engine/wire.py)
     aborted: bool = False  # set by the HTTP side (client gone); read by the engine at its next turn
     done: bool = False  # set by the engine once the FinishEvent is out
+
+    def __post_init__(self):
+        assert (self.loops is None) != (self.adaptive is None), "a request has a depth or an adaptive policy"
+
+    @property
+    def deepest(self) -> int:
+        """The most loops any token of this request runs: its depth, or the adaptive budget."""
+        return self.loops if self.adaptive is None else self.adaptive.max_loops
 
 
 @dataclass

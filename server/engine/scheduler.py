@@ -159,7 +159,7 @@ class Scheduler:
                                            and all(f.loop == 0 for f in row.flights)):
                     self._advance(row, plan, sampled, drafting=in_flight < self.spec_batch_limit)
         for row in self.rows.values():  # exited tokens' K/V into their deeper slots, before this turn's step
-            plan.kv_copies.extend((row.index, pos, exit_loop, row.req.loops) for pos, exit_loop in row.copies)
+            plan.kv_copies.extend((row.index, pos, exit_loop, row.req.deepest) for pos, exit_loop in row.copies)
             row.copies.clear()
         budget = self.prefill_chunk
         for row in self.rows.values():
@@ -175,7 +175,7 @@ class Scheduler:
                 plan.prefix_loads.append((row.index, row.load, row.req.loops,
                                           prompt[1:start + 1] if self._scored(row) else None, scored))
                 row.load = None
-            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.loops, targets,
+            plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.deepest, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
                                              scored))
             row.prefilled, budget = end, budget - (end - start)
@@ -247,7 +247,7 @@ class Scheduler:
         f = row.flights[0]
         entry = plan.entry(self.runner.lane(row.index, f.pos), row.index, f.pos, f.loop)
         ran, f.loop = f.loop, f.loop + 1
-        if ran == row.req.loops - 1:  # the budget: it stops here whatever its state
+        if ran == row.req.adaptive.max_loops - 1:  # the budget: it stops here whatever its state
             row.flights.remove(f)
             self._head(row, plan, sampled, f.pos, PLAIN, loops=ran + 1)
             row.decided(f.pos)
