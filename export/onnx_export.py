@@ -22,16 +22,9 @@ from loopgpt.model.checkpoint import CONFIG, EVAL, WEIGHTS
 from loopgpt.model.tokenizer import BPE_FILE, BPE_META
 
 from .graphs import Embed, FullModel, Head, LoopBody
+from .manifest import FORMAT, MANIFEST, SINGLE, ExportError
 
 OPSET = 23  # opset 23 has ONNX Attention; opset 20 measured 10-25% slower here
-MANIFEST = "manifest.json"
-FORMAT = "loopgpt-onnx/1"
-SPLIT = ("embed.onnx", "loop_body.onnx", "head.onnx")
-SINGLE = "model.onnx"
-
-
-class ExportError(ValueError):
-    """The export cannot be written or does not match PyTorch; the message says which and why."""
 
 
 def sha256(path: Path) -> str:
