@@ -5,7 +5,7 @@ becomes prompts x candidates engine requests. The candidates of one prompt are o
 others as `siblings`, so the engine admits them together and prefills the prompt once; candidate i samples with
 seed + i. Every request emits `(choice number, event)` into the handler's one asyncio queue.
 
-    python -m pytest tests/test_api_completions.py -q
+    python -m pytest tests/test_api_choices.py -q
 """
 
 from __future__ import annotations
