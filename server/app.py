@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,8 @@ from fastapi.staticfiles import StaticFiles
 from loopgpt.model.memory import check_memory
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
+
+from loopgpt import __version__
 
 from .chat import ChatTemplate
 from .chat_routes import router as chat_router
@@ -254,7 +255,7 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
         if state.engine is not None:
             state.engine.stop()
 
-    app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="loopgpt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
     app.include_router(router)
     app.include_router(chat_router)

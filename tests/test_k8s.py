@@ -139,7 +139,7 @@ def test_the_pieces_agree(manifests):
     # the process sees the node's cores, not the pod's: the thread count must be explicit
     assert int(flag(c, "--threads")) >= 1
     env = {e["name"]: e for e in c["env"]}
-    assert env["LOOPGPT_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["LOOPGPT_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_the_gpu_overlay_asks_for_a_gpu(manifests):

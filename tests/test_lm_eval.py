@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[lm-eval]")')
     port, log = free_port(), (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "loopgpt.cli", "serve", "--port", str(port), "--threads", "1",
                              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)

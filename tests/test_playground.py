@@ -41,7 +41,7 @@ def browser_or_skip():
         try:
             from playwright.sync_api import sync_playwright
         except ImportError:
-            missing = "python playwright is not installed (pip install playwright)"
+            missing = 'python playwright is not installed (pip install -e ".[browser]")'
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the browser test must run in CI but {missing}")
