@@ -166,6 +166,11 @@ def value_type(f: dataclasses.Field) -> type:
     return f.metadata.get("type") or type(f.default)
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    """The field's flag: `--name`, or `--no-name` for a bool that defaults to True."""
+    return "--no-" + f.name.replace("_", "-") if value_type(f) is bool and f.default else flag_name(f.name)
+
+
 def shown_default(f: dataclasses.Field) -> str | None:
     if "shown" in f.metadata:
         return f.metadata["shown"]
@@ -181,8 +186,7 @@ def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         where = f"default: {shown}; " if shown is not None and value_type(f) is not bool else ""
         help_text = f"{f.metadata['help']} ({where}env {env_name(f.name)})".replace("%", "%%")
         if value_type(f) is bool:
-            flag = flag_name(f.name) if not f.default else "--no-" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=None,
+            parser.add_argument(flag_of(f), dest=f.name, action="store_const", const=not f.default, default=None,
                                 help=("do not " if f.default else "") + help_text)
         else:
             parser.add_argument(flag_name(f.name), dest=f.name, type=value_type(f), default=None, help=help_text,
@@ -240,17 +244,15 @@ def options_markdown() -> str:
     rows = ["| flag | environment variable | default | what |", "|---|---|---|---|"]
     for cls in (ServerOptions, RayOptions):
         for f in dataclasses.fields(cls):
-            boolean = value_type(f) is bool
-            flag = flag_name(f.name) if not (boolean and f.default) else "--no-" + f.name.replace("_", "-")
-            choices = f.metadata.get("choices")
-            flag += " " + ("|".join(map(str, choices)) if choices else f.metadata.get("metavar", f.name.upper())) \
-                if not boolean else ""
+            boolean, choices = value_type(f) is bool, f.metadata.get("choices")
+            flag = flag_of(f) if boolean else flag_of(f) + " " + (
+                "|".join(map(str, choices)) if choices else f.metadata.get("metavar", f.name.upper()))
             env = f"`{env_name(f.name)}`" + (f" (or `{f.metadata['env_fallback']}`)" if "env_fallback" in
                                                f.metadata else "")
             shown = shown_default(f)
             default = "off" if boolean and not f.default else "on" if boolean else f"`{shown}`" if shown else ""
-            what = f.metadata["help"].replace("|", "\\|")
-            rows.append(f"| `{flag}` | {env} | {default} | {what} |")
+            cells = (f"`{flag}`", env, default, f.metadata["help"])
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a | would end the cell
     return "\n".join(rows) + "\n"
 
 
