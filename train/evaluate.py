@@ -28,6 +28,8 @@ from loopgpt.model.forward import forward
 from loopgpt.model.tokenizer import EOT
 from tqdm import tqdm
 
+LOG_EVERY_S = 60.0  # progress lines in a log file
+
 
 def load_tokens(path: str | Path, tokenizer: Tokenizer, max_tokens: int = 0) -> torch.Tensor:
     """A text file (documents joined by EOT where it has <|endoftext|> markers) or a prepared .bin shard."""
@@ -69,12 +71,29 @@ def window_batches(ids: torch.Tensor, context: int, batch_size: int, device, des
         chunk = spans[i : i + batch_size]
         length = chunk[0][1] - chunk[0][0]
         groups += [[c] for c in chunk] if any(e - b != length for b, e, _ in chunk) else [chunk]
-    for group in tqdm(groups, desc=desc, unit="batch", leave=False, disable=None if desc else True):
+    for group in progress(groups, desc):
         x = torch.stack([ids[b : e - 1] for b, e, _ in group]).to(device)  # (B, T)
         y = torch.stack([ids[b + 1 : e] for b, e, _ in group]).clone()
         for row, (b, _, first) in enumerate(group):
             y[row, : first - 1 - b] = -1  # scored by an earlier window
         yield x, y.to(device)
+
+
+def progress(items: list, desc: str, every_s: float = LOG_EVERY_S) -> Iterator:
+    """`items`, with a progress bar on a terminal, or in a log file a line at most every `every_s` seconds (a bar's
+    redraws would be thousands of lines there); nothing without `desc`."""
+    if not desc:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        yield from tqdm(items, desc=desc, unit="batch", leave=False)
+        return
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            print(f"{desc}: {i}/{len(items)} batches in {last - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
