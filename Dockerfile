@@ -2,8 +2,10 @@
 #
 #   docker build -t loopgpt .
 #   docker run --rm --gpus all -p 8000:8000 loopgpt                    # serves checkpoints/demo
-#   docker run --rm --gpus all -p 8000:8000 -v "$PWD/my-ckpt:/ckpt:ro" loopgpt \
-#       loopgpt serve --host 0.0.0.0 --checkpoint /ckpt
+#   docker run --rm --gpus all -p 8000:8000 -v "$PWD/my-ckpt:/ckpt:ro" -e LOOPGPT_CHECKPOINT=/ckpt loopgpt
+#
+# Every `loopgpt serve` flag is also a LOOPGPT_ variable (docs/configuration.md). LOOPGPT_PORT is both the port
+# serve listens on and the one the health check probes: change the port with it (-e), not with --port.
 #
 # The base image already holds a CUDA build of torch, which satisfies our `torch>=2.4`, so pip keeps it.
 # Only the `gpu` extra is installed for ONNX: `onnxruntime` and `onnxruntime-gpu` own the same module.

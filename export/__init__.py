@@ -3,7 +3,8 @@
     loopgpt export onnx --checkpoint checkpoints/demo --out exports/demo
 """
 
-from .onnx_export import ExportError, export_onnx
+from .manifest import ExportError
+from .onnx_export import export_onnx
 from .runtime import OnnxRunner, load_onnx
 
 __all__ = ["ExportError", "OnnxRunner", "export_onnx", "load_onnx"]

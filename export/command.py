@@ -10,6 +10,8 @@ import argparse
 import importlib.util
 import sys
 
+from loopgpt import install_hint
+
 
 def add_export_parser(sub, default_checkpoint: str) -> None:
     """Register `export onnx` on the top-level subparsers of `loopgpt`."""
@@ -26,7 +28,7 @@ def add_export_parser(sub, default_checkpoint: str) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"{', '.join(missing)} not installed; install the export extra: pip install -e '.[export]'")
+        raise ValueError(f"{', '.join(missing)} not installed; install the export extra: {install_hint('export')}")
     from .onnx_export import export_onnx
 
     manifest = export_onnx(args.checkpoint, args.out, verify=args.verify,

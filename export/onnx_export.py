@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -22,16 +23,20 @@ from loopgpt.model.checkpoint import CONFIG, EVAL, WEIGHTS
 from loopgpt.model.tokenizer import BPE_FILE, BPE_META
 
 from .graphs import Embed, FullModel, Head, LoopBody
+from .manifest import FORMAT, MANIFEST, SINGLE, ExportError
 
 OPSET = 23  # opset 23 has ONNX Attention; opset 20 measured 10-25% slower here
-MANIFEST = "manifest.json"
-FORMAT = "loopgpt-onnx/1"
-SPLIT = ("embed.onnx", "loop_body.onnx", "head.onnx")
-SINGLE = "model.onnx"
 
 
-class ExportError(ValueError):
-    """The export cannot be written or does not match PyTorch; the message says which and why."""
+class NoTorchvision(logging.Filter):
+    """The exporter warns, four lines per graph, that torchvision's detection ops cannot be registered without
+    torchvision; our graphs use none of them, so those lines are noise (other warnings still show)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(NoTorchvision())
 
 
 def sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from loopgpt.model import KVCache, LoopGPT, load_checkpoint
 
-from .onnx_export import SINGLE, ExportError
+from .manifest import SINGLE, ExportError
 from .runtime import OnnxRunner, open_session
 
 TOLERANCE = 1e-4  # max |Δlogits| allowed between onnxruntime and PyTorch, fp32

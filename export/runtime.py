@@ -10,7 +10,6 @@ print(r(__import__('torch').tensor([tok.encode('Hi')]), 3)[0].shape)"
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from loopgpt.model.forward import Loops, forward
 from loopgpt.model.kv_cache import CacheAccess
 from loopgpt.model.tokenizer import TokenizerError, load_tokenizer
 
-from .onnx_export import FORMAT, MANIFEST, SPLIT, ExportError
+from .manifest import SPLIT, ExportError, read_manifest
 
 log = logging.getLogger("loopgpt.export")
 
@@ -140,24 +139,6 @@ class OnnxRunner:
             raise ValueError("the ONNX runner computes no loss; evaluate with the PyTorch checkpoint")
         return forward(self, idx.cpu(), loops, kv_cache, None if rows is None else rows.cpu(),
                        None if pos is None else pos.cpu()), None
-
-
-def read_manifest(export_dir: str | Path) -> dict:
-    path = Path(export_dir) / MANIFEST
-    if not Path(export_dir).is_dir():
-        raise ExportError(f"{export_dir}: export directory does not exist; run `loopgpt export onnx` first")
-    if not path.is_file():
-        raise ExportError(f"{path}: manifest is missing; is this a `loopgpt export onnx` directory?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{path}: not a {FORMAT} manifest; re-export with this version of loopgpt")
-    for name in SPLIT:
-        if not (Path(export_dir) / name).is_file():
-            raise ExportError(f"{Path(export_dir) / name}: graph file is missing; re-run the export")
-    return manifest
 
 
 def load_onnx(export_dir: str | Path, threads: int | None = None,

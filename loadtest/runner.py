@@ -135,7 +135,7 @@ async def run_load(cfg: LoadConfig) -> tuple[list[RequestRecord], float]:
     in_flight = cfg.concurrency if cfg.rate is None else 1024
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     timeout = httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0))
-    bar = tqdm(total=cfg.requests, unit="req", disable=not cfg.progress, desc="loadtest")
+    bar = tqdm(total=cfg.requests, unit="req", disable=None if cfg.progress else True, desc="loadtest")  # tty only
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         t0 = time.perf_counter()
         runner = open_loop if cfg.rate is not None else closed_loop

@@ -1,6 +1,7 @@
 """The `loopgpt` command line: one console script, one subcommand per job.
 
     loopgpt --help
+    loopgpt --version
     loopgpt info --checkpoint checkpoints/demo
     loopgpt generate --prompt "Once upon a time" --loops 6 --seed 0
 """
@@ -10,15 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
-from pathlib import Path
 
-DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
-
-
-def default_checkpoint() -> str:
-    """The shipped demo checkpoint (beside the source tree), else ./checkpoints/demo."""
-    return str(DEMO if DEMO.is_dir() else Path("checkpoints/demo"))
+from loopgpt import DISTRIBUTION, __version__, demo_checkpoint, install_hint
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -116,10 +112,11 @@ def runtimes() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopgpt", description="Train, serve and measure loop-residual GPTs.")
+    parser.add_argument("--version", action="version", version=f"loopgpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="one completion to stdout, streamed")
-    p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
+    p.add_argument("--checkpoint", default=demo_checkpoint(), help="checkpoint directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--loops", type=int, default=None, help="outer loops (default: the trained maximum)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -131,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter count and loops range of a checkpoint")
-    p.add_argument("--checkpoint", default=default_checkpoint(), help="checkpoint directory")
+    p.add_argument("--checkpoint", default=demo_checkpoint(), help="checkpoint directory")
     p.set_defaults(func=cmd_info)
 
     from loopgpt.loadtest.bench_checkpoint import add_bench_checkpoint_parser
@@ -142,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loopgpt.train.commands", fromlist=["add_parsers"]).add_parsers(s))
     optional(sub, "loadtest", ["loadtest", "bench"], add_loadtest)
     optional(sub, "export", ["export"], lambda s: __import__(
-        "loopgpt.export.command", fromlist=["add_export_parser"]).add_export_parser(s, default_checkpoint()))
+        "loopgpt.export.command", fromlist=["add_export_parser"]).add_export_parser(s, demo_checkpoint()))
     return parser
 
 
@@ -150,7 +147,7 @@ def add_serve(sub) -> None:
     from loopgpt.server.serve import add_serve_args, cmd_serve
 
     p = sub.add_parser("serve", help="HTTP server: streaming, OpenAI-compatible, per-request loops")
-    add_serve_args(p, default_checkpoint())
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve, onnx_loader=load_onnx if importlib.util.find_spec("onnxruntime") else None)
 
 
@@ -166,7 +163,7 @@ def add_loadtest(sub) -> None:
     from loopgpt.loadtest.cli import add_bench_parser, add_loadtest_parser
 
     add_loadtest_parser(sub)
-    add_bench_parser(sub, default_checkpoint())
+    add_bench_parser(sub, demo_checkpoint())
     sub.choices["bench"].set_defaults(engine=inprocess_engine())
 
 
@@ -189,9 +186,27 @@ def optional(sub, extra: str, commands: list[str], register) -> None:
         register(sub)
     except ImportError as e:
         for name in commands:
-            sub.add_parser(name, help=f"(needs: pip install 'loopgpt[{extra}]')")
-            MISSING[name] = (f"this command needs the '{extra}' extra ({e.name or e} is not installed): "
-                             f"pip install 'loopgpt[{extra}]'")
+            sub.add_parser(name, help=f"(needs: {install_hint(extra)})")
+            MISSING[name] = f"this command needs the '{extra}' extra ({e.name or e} is not installed): " \
+                            f"{install_hint(extra)}"
+
+
+def extra_for(module: str) -> str | None:
+    """The first extra of this distribution (in pyproject.toml's order) that installs `module`, read from the
+    installed metadata; None when no extra does (then a missing module is a bug, and its traceback is wanted)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        return None
+    top = module.partition(".")[0].lower()
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if extra and re.split(r"[\[<>=!~ ]", name.strip(), maxsplit=1)[0].lower().replace("-", "_") == top:
+            return extra.group(1)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (ValueError, FileNotFoundError) as e:  # CheckpointError, ConfigError, MemoryBudgetError, bad flags
         print(f"loopgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a part of the command that needs an extra (bench's HF row: transformers)
+        extra = extra_for(e.name or "")
+        if extra is None:
+            raise
+        print(f"loopgpt {args.command}: error: this needs {e.name}, which is not installed: {install_hint(extra)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

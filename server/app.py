@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
+
+from loopgpt import __version__
 
 from .admission import Admission
 from .chat import ChatTemplate
@@ -154,7 +155,7 @@ def create_app(loader: Callable[[], Loaded], options: ServerOptions | None = Non
             state.chat.close()
         state.offload.close()
 
-    app = FastAPI(title="loopgpt", version=version("loopgpt"), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="loopgpt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loopgpt = state
     app.include_router(router)
     app.include_router(chat_router)

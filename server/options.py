@@ -1,10 +1,14 @@
-"""ServerOptions: every `loopgpt serve` setting, its default and its help written once, as a dataclass field;
-the command's flags are generated from it (as `train/commands.py` does for TrainConfig).
+"""Every `loopgpt serve` setting, its default, its help and its environment variable written once, as a dataclass
+field: ServerOptions (one server) and RayOptions (`--ray`: several behind Ray Serve). The command's flags, the
+LOOPGPT_ variables and the table in docs/configuration.md are all generated from these fields.
 
-A new setting is one line: `name: type = option(default, "help", choices=...)`; it becomes `--name`
-(a bool that defaults to True becomes `--no-name`), validated in `__post_init__` if it needs a range.
+A new setting is one line: `name: type = option(default, "help", choices=...)`; it becomes `--name` (a bool
+that defaults to True becomes `--no-name`) and `$LOOPGPT_NAME`, validated in `__post_init__` if it needs a range.
+A flag beats its variable; a variable beats the default; an empty variable counts as unset.
 
     loopgpt serve --help
+    LOOPGPT_MAX_BATCH=16 loopgpt serve
+    python -m loopgpt.server.options --write docs/configuration.md    # regenerate the configuration table
 """
 
 from __future__ import annotations
@@ -12,23 +16,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CHECKPOINT = "checkpoints/demo"  # the CLI passes the installed demo's absolute path instead
+from loopgpt import demo_checkpoint
+
+ENV_PREFIX = "LOOPGPT_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+NOT_FLAGS = ("help", "type", "shown", "env_fallback")  # metadata for us, not for argparse
 SPEC_TOKENS_MAX = 16  # drafts in flight per request: each is a KV-cache lane, and acceptance falls with each one
 
 
 def option(default: Any, help: str, **flag: Any) -> Any:
-    """A field with its flag's help text; `flag` holds extra argparse arguments (`choices`) and `env`, the
-    environment variable read when the flag is not given."""
+    """A field with its flag's help text. `flag` holds extra argparse arguments (`choices`, `metavar`, `nargs`) and:
+    `type` (the value type when the default is None), `shown` (the default as the docs show it, when the value
+    depends on the machine) and `env_fallback` (another variable read when LOOPGPT_NAME is unset)."""
     return field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass
 class ServerOptions:
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "checkpoint directory (or ONNX export directory with --backend onnx)")
+    checkpoint: str = option(demo_checkpoint(), "checkpoint directory (or ONNX export directory with --backend onnx)",
+                             shown="checkpoints/demo")
     served_model_name: list[str] | None = option(None, "the names the model answers to in a request's `model` "
                                                  "(also NAME:loops=N); the first is the one /v1/models and responses "
                                                  "report (default: the checkpoint directory's name)", nargs="+",
@@ -47,8 +58,9 @@ class ServerOptions:
                                "them (CUDA only)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on generation routes and /v1/models; "
                                  "visible to other users in `ps`: prefer $LOOPGPT_API_KEY or --api-key-file",
-                                 env="LOOPGPT_API_KEY")
-    api_key_file: str | None = option(None, "read the API key from this file (first line), instead of --api-key")
+                                 type=str)
+    api_key_file: str | None = option(None, "read the API key from this file (first line), instead of --api-key",
+                                      type=str)
     max_batch: int = option(8, "KV-cache rows: requests decoded together")
     max_queue: int = option(64, "requests waiting for a row before 429")
     max_body: int = option(1 << 20, "request body limit in bytes (413 above)")
@@ -91,7 +103,7 @@ class ServerOptions:
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     replica_name: str | None = option(None, "name sent in the x-loopgpt-replica response header (a Ray replica, a "
                                       "pod), so a client behind a router can count who served it",
-                                      env="LOOPGPT_REPLICA")
+                                      type=str)
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_body", "prefill_chunk"):
@@ -150,30 +162,141 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_option_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
-    """One flag per ServerOptions field; `defaults` overrides a field's default (the CLI's demo path)."""
-    for f in dataclasses.fields(ServerOptions):
-        meta = dict(f.metadata)
-        help_text, env = meta.pop("help"), meta.pop("env", None)
-        default = (defaults or {}).get(f.name, f.default)
-        if isinstance(default, bool):
-            flag = flag_name(f.name) if not default else "--no-" + f.name.replace("_", "-")
-            action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, default=default,
-                                help=("do not " if default else "") + help_text)
-            continue
-        shown = f"${env}" if env else default
-        suffix = f" (default: {shown})" if shown is not None else ""
-        # A flag backed by an environment variable defaults to None here and is read in options_from_args, so
-        # that a value from the environment is never confused with one typed on the command line.
-        parser.add_argument(flag_name(f.name), dest=f.name, type=str if default is None else type(default),
-                            default=None if env else default, help=help_text + suffix, **meta)
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
 
 
-def options_from_args(args: argparse.Namespace) -> ServerOptions:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)}
-    for f in dataclasses.fields(ServerOptions):
-        env = f.metadata.get("env")
-        if env and values[f.name] is None:
-            values[f.name] = os.environ.get(env)
-    return ServerOptions(**values)
+@dataclass
+class RayOptions:
+    """`loopgpt serve --ray`: the flag group that scales one server out to Ray Serve replicas (server/scale_out.py
+    checks it, server/ray_serve.py runs it)."""
+
+    ray: bool = option(False, "serve through Ray Serve: several replicas, each its own engine with --threads torch "
+                       "threads (default 1 under --ray), behind Ray's HTTP proxy on --host/--port")
+    replicas: int | None = option(None, "with --ray: a fixed number of replicas (default 1)", type=int)
+    autoscale: str | None = option(None, "with --ray: let Ray's autoscaler keep between MIN and MAX replicas (MIN may "
+                                   "be 0)", type=str, metavar="MIN:MAX")
+    target_ongoing: int | None = option(None, "with --autoscale: requests per replica that Ray scales towards "
+                                        "(default --max-batch)", type=int)
+    ray_address: str | None = option(None, "join this Ray cluster ('auto', or host:port) instead of starting a local "
+                                     "one (also read from $RAY_ADDRESS, Ray's own variable)", type=str,
+                                     env_fallback="RAY_ADDRESS")
+    gpus_per_replica: float | None = option(None, "with --ray: GPUs each replica reserves (default 1 when serving on "
+                                            "CUDA, else 0)", type=float)
+    metrics_port: int = option(0, "with --ray: port of each replica's own /metrics endpoint (0: any free port, "
+                               "published for Prometheus in --metrics-sd-dir)")
+    metrics_sd_dir: str = option("/tmp/loopgpt-prometheus-sd", "with --ray: where each replica writes its "
+                                 "Prometheus file_sd target")
+
+
+def value_type(f: dataclasses.Field) -> type:
+    """The type of one value of the field: the default's, or `type` in its metadata when the default is None."""
+    return f.metadata.get("type") or type(f.default)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The field's flag: `--name`, or `--no-name` for a bool that defaults to True."""
+    return "--no-" + f.name.replace("_", "-") if value_type(f) is bool and f.default else flag_name(f.name)
+
+
+def shown_default(f: dataclasses.Field) -> str | None:
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    return None if f.default is None else str(f.default)
+
+
+def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = ServerOptions) -> None:
+    """One flag per field of `cls`. Every flag defaults to None here, so that options_from_args can tell a value
+    typed on the command line from one to take from the environment or the dataclass."""
+    for f in dataclasses.fields(cls):
+        meta = {k: v for k, v in f.metadata.items() if k not in NOT_FLAGS}
+        shown = shown_default(f)
+        where = f"default: {shown}; " if shown is not None and value_type(f) is not bool else ""
+        help_text = f"{f.metadata['help']} ({where}env {env_name(f.name)})".replace("%", "%%")
+        if value_type(f) is bool:
+            parser.add_argument(flag_of(f), dest=f.name, action="store_const", const=not f.default, default=None,
+                                help=("do not " if f.default else "") + help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, type=value_type(f), default=None, help=help_text,
+                                **meta)
+
+
+def from_env(f: dataclasses.Field) -> tuple[str, Any] | None:
+    """(variable, value) of the field's environment variable, or None when it is unset or empty; a value that
+    does not parse is one sentence naming the variable."""
+    for var in (env_name(f.name), f.metadata.get("env_fallback")):
+        raw = os.environ.get(var) if var else None
+        if raw is not None and raw.strip():
+            break
+    else:
+        return None
+    kind, text = value_type(f), raw.strip()
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            raise ValueError(f"${var} must be one of {', '.join(TRUE + FALSE)}, got {raw!r}")
+        return var, text.lower() in TRUE
+    items = text.replace(",", " ").split() if f.metadata.get("nargs") else [text]
+    try:
+        values = [kind(item) for item in items]
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ValueError(f"${var} must be {what}, got {raw!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and any(v not in choices for v in values):
+        raise ValueError(f"${var} must be one of {', '.join(map(str, choices))}, got {raw!r}")
+    return var, values if f.metadata.get("nargs") else values[0]
+
+
+def options_from_args(args: argparse.Namespace, cls: type = ServerOptions) -> Any:
+    """The options the command line and the environment give (flag > LOOPGPT_ variable > default), validated.
+    The values are written back into `args`, so code that reads `args.port` sees what the options hold."""
+    values, env_of = {}, {}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is None and (env := from_env(f)) is not None:
+            env_of[f.name], given = env
+        if given is not None:
+            values[f.name] = given
+    try:
+        options = cls(**values)
+    except ValueError as e:  # a range check names the flag; say which variable set it when one did
+        var = next((v for name, v in env_of.items() if flag_name(name) in str(e)), None)
+        raise ValueError(f"{e} (from ${var})" if var else str(e)) from None
+    for f in dataclasses.fields(cls):
+        setattr(args, f.name, getattr(options, f.name))
+    return options
+
+
+def options_markdown() -> str:
+    """The table of every `serve` flag for docs/configuration.md (tests/test_docs.py checks it is current)."""
+    rows = ["| flag | environment variable | default | what |", "|---|---|---|---|"]
+    for cls in (ServerOptions, RayOptions):
+        for f in dataclasses.fields(cls):
+            boolean, choices = value_type(f) is bool, f.metadata.get("choices")
+            flag = flag_of(f) if boolean else flag_of(f) + " " + (
+                "|".join(map(str, choices)) if choices else f.metadata.get("metavar", f.name.upper()))
+            env = f"`{env_name(f.name)}`" + (f" (or `{f.metadata['env_fallback']}`)" if "env_fallback" in
+                                               f.metadata else "")
+            shown = shown_default(f)
+            default = "off" if boolean and not f.default else "on" if boolean else f"`{shown}`" if shown else ""
+            cells = (f"`{flag}`", env, default, f.metadata["help"])
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a | would end the cell
+    return "\n".join(rows) + "\n"
+
+
+BEGIN, END = "<!-- options: begin (generated) -->", "<!-- options: end -->"
+
+
+def write_markdown(path: str) -> None:
+    """Replace the generated table between BEGIN and END in `path`."""
+    text = Path(path).read_text(encoding="utf-8")
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    Path(path).write_text(f"{head}{BEGIN}\n{options_markdown()}{END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--write"]:
+        write_markdown(sys.argv[2])
+    else:
+        sys.stdout.write(options_markdown())

@@ -35,7 +35,7 @@ from ray import serve
 from .app import create_app
 from .engine import load_backend
 from .options import ServerOptions, options_from_args
-from .scale_out import ScaleOutError, Scaling
+from .scaling import ScaleOutError, Scaling
 
 log = logging.getLogger("loopgpt.server")
 APP_NAME = "loopgpt"

@@ -1,5 +1,6 @@
-"""`loopgpt serve --ray`: the flag group that scales one server out to Ray Serve replicas, checked here
-and handed to `ray_serve.py` (which needs the optional `ray` extra, so it is imported only when asked for).
+"""`loopgpt serve --ray`: the flag group that scales one server out to Ray Serve replicas (RayOptions, in
+options.py), checked here and handed to `ray_serve.py` (which needs the optional `ray` extra, so it is imported
+only when asked for; it imports scaling.py, never this module).
 
     loopgpt serve --ray --replicas 2 --threads 1            # two engines behind Ray's HTTP proxy on :8000
     loopgpt serve --ray --autoscale 1:4 --target-ongoing 8  # Ray adds replicas while each has > 8 requests
@@ -10,62 +11,23 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from dataclasses import dataclass
 
-RAY_MISSING = "--ray needs Ray Serve, which is not installed: pip install 'loopgpt[ray]'"
+from loopgpt import install_hint
 
+from .options import RayOptions, add_option_flags, options_from_args
+from .scaling import ScaleOutError, Scaling
 
-class ScaleOutError(ValueError):
-    """A --ray flag combination that cannot run; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How many replicas: a fixed count, or Ray's autoscaler between two bounds."""
-
-    replicas: int = 1
-    autoscale: tuple[int, int] | None = None  # (min, max)
-    target_ongoing: int | None = None  # requests per replica the autoscaler aims at
-
-    def ray_options(self, max_batch: int) -> dict:
-        """The deployment's replica-count options in Ray Serve's own vocabulary."""
-        if self.autoscale is None:
-            return {"num_replicas": self.replicas}
-        low, high = self.autoscale
-        # A full batch per replica is the natural target: past it, requests queue inside the engine.
-        return {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
-                                       "target_ongoing_requests": self.target_ongoing or max_batch}}
-
-    @property
-    def most(self) -> int:
-        return self.autoscale[1] if self.autoscale else self.replicas
+RAY_MISSING = f"--ray needs Ray Serve, which is not installed: {install_hint('ray')}"
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scale out with Ray Serve (pip install 'loopgpt[ray]')")
-    g.add_argument("--ray", action="store_true",
-                   help="serve through Ray Serve: several replicas, each its own engine with --threads torch threads "
-                        "(default 1 under --ray), behind Ray's HTTP proxy on --host/--port")
-    g.add_argument("--replicas", type=int, default=None, help="with --ray: a fixed number of replicas (default 1)")
-    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                   help="with --ray: let Ray's autoscaler keep between MIN and MAX replicas (MIN may be 0)")
-    g.add_argument("--target-ongoing", type=int, default=None,
-                   help="with --autoscale: requests per replica that Ray scales towards (default --max-batch)")
-    g.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="join this Ray cluster ('auto', or host:port) instead of starting a local one "
-                        "(default: $RAY_ADDRESS)")
-    g.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="with --ray: GPUs each replica reserves (default 1 when serving on CUDA, else 0)")
-    g.add_argument("--metrics-port", type=int, default=0,
-                   help="with --ray: port of each replica's own /metrics endpoint (default 0: any free port, "
-                        "published for Prometheus in --metrics-sd-dir)")
-    g.add_argument("--metrics-sd-dir", default=os.environ.get("LOOPGPT_METRICS_SD_DIR", "/tmp/loopgpt-prometheus-sd"),
-                   help="with --ray: where each replica writes its Prometheus file_sd target "
-                        "(default /tmp/loopgpt-prometheus-sd)")
+    add_option_flags(p.add_argument_group(f"scale out with Ray Serve ({install_hint('ray')})"), RayOptions)
 
 
 def parse_scaling(args: argparse.Namespace) -> Scaling:
-    """The Scaling the flags ask for; one sentence naming the flag when they do not make sense."""
+    """The Scaling the flags (or their LOOPGPT_ variables) ask for; one sentence naming the flag when they do not
+    make sense."""
+    options_from_args(args, RayOptions)
     given = [f for f, v in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                             ("--target-ongoing", args.target_ongoing)) if v is not None]
     if not args.ray:

@@ -34,8 +34,8 @@ from .scale_out import add_ray_args, parse_scaling, serve_ray
 log = logging.getLogger("loopgpt.server")
 
 
-def add_serve_args(p: argparse.ArgumentParser, default_checkpoint: str) -> None:
-    add_option_flags(p, {"checkpoint": default_checkpoint})
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_option_flags(p)
     add_ray_args(p)
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"  # beside the checkout: tokenizer cache and data (see README, Prerequisites)
+HELDOUT = SHARED / "data" / "tinystories" / "heldout.txt"  # never trained on nor selected with
+needs_heldout = pytest.mark.skipif(not HELDOUT.is_file(), reason=f"needs {HELDOUT} (../shared beside the checkout)")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 # A Ray cluster a test starts stays on loopback (Ray's single-node macOS/Windows mode); read when ray is imported.

@@ -1,5 +1,6 @@
-"""Helpers for the server tests: a real uvicorn server on a free 127.0.0.1 port, SSE parsing, a checkpoint
-with a long context (so that a request can outlive the few steps a test needs).
+"""Helpers for the server tests, defined once: a real uvicorn server on a free 127.0.0.1 port (in a thread, or
+`loopgpt serve` as a child process), an engine event collector, SSE parsing, a checkpoint with a long context (so
+that a request can outlive the few steps a test needs).
 
     python -m pytest tests/test_server_http.py -q
 """
@@ -10,6 +11,7 @@ import contextlib
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ import uvicorn
 from conftest import tiny_model
 from loopgpt.model import save_checkpoint
 from loopgpt.server.app import ServerOptions, create_app
-from loopgpt.server.engine import load_backend
+from loopgpt.server.engine import FinishEvent, TokenEvent, load_backend
 
 
 def free_port() -> int:
@@ -64,6 +66,62 @@ def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextlib.contextmanager
+def serve_process(log_path: Path, *flags: str, timeout_s: float = 60, clean_exit: bool = True,
+                  ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`loopgpt serve FLAGS` as a child process on a free 127.0.0.1 port, its output in `log_path`; yields (base URL,
+    process) once /health answers 200 (failing with the log if it exits first). On the way out it is terminated
+    and, with `clean_exit`, must exit 0 (the SIGTERM drain)."""
+    port = free_port()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "loopgpt.cli", "serve", "--host", "127.0.0.1", "--port",
+                                 str(port), *flags], stdout=log, stderr=subprocess.STDOUT)
+
+        def exited() -> str:
+            log.seek(0)
+            return f"loopgpt serve exited with {proc.returncode}:\n{log.read()[-5000:]}"
+
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, timeout_s, proc, interval_s=0.2, exited=exited)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        assert not clean_exit or proc.returncode == 0, exited()  # not reached when the test itself failed
+
+
+class Collector:
+    """An engine `emit` callback that keeps one request's events (thread-safe: the engine thread appends, the test
+    reads after `done`). `order`, when given, gets `name` appended as the request finishes."""
+
+    def __init__(self, order: list | None = None, name: str = ""):
+        self.events: list = []
+        self.done = threading.Event()
+        self.order, self.name = order, name
+
+    def __call__(self, ev) -> None:
+        self.events.append(ev)
+        if isinstance(ev, FinishEvent):
+            if self.order is not None:
+                self.order.append(self.name)
+            self.done.set()
+
+    def finish(self, timeout_s: float = 60) -> FinishEvent:
+        assert self.done.wait(timeout_s), f"request did not finish within {timeout_s} s"
+        return self.events[-1]
+
+    def tokens(self) -> list[int]:
+        """The generated token ids, once the request has finished."""
+        self.finish()
+        return [e.token_id for e in self.events if isinstance(e, TokenEvent)]
 
 
 def make_long_checkpoint(directory: Path, bpe) -> Path:

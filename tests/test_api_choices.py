@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 from loopgpt.model import SamplingParams, load_checkpoint
-from loopgpt.server.engine import Engine, FinishEvent, ModelRunner, Request, TokenEvent
+from loopgpt.server.engine import Engine, ModelRunner, Request
 from loopgpt.server.metrics import ServerMetrics
-from server_harness import post, running_server, sse_events
+from server_harness import Collector, post, running_server, sse_events
 
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 SAMPLED = {"temperature": 1.0, "max_tokens": 8, "loops": 2}
@@ -102,22 +102,6 @@ def test_max_loops_caps_the_default_depth(server):
     assert out["loops"] == 3  # the trained default (6) cut to the budget
     assert post(url, "/v1/completions", {"prompt": "Once", "max_tokens": 2, "model": "demo:loops=2"}).json()[
         "loops"] == 2
-
-
-class Collector:
-    def __init__(self, order: list | None = None, name: str = ""):
-        self.events, self.done, self.order, self.name = [], threading.Event(), order, name
-
-    def __call__(self, ev) -> None:
-        self.events.append(ev)
-        if isinstance(ev, FinishEvent):
-            if self.order is not None:
-                self.order.append(self.name)
-            self.done.set()
-
-    def tokens(self) -> list[int]:
-        assert self.done.wait(60)
-        return [e.token_id for e in self.events if isinstance(e, TokenEvent)]
 
 
 @pytest.fixture(scope="module")

@@ -46,17 +46,34 @@ def test_errors_are_one_sentence_and_non_zero(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "exceeds the context" in proc.stderr
 
 
+def test_version():
+    from loopgpt import __version__
+
+    assert loopgpt("--version").stdout.strip() == f"loopgpt {__version__}"
+
+
 def test_a_command_whose_extra_is_missing_names_the_extra():
-    """`pip install loopgpt` without extras: `serve` says which extra to install instead of a traceback."""
+    """An install without extras: `serve` says which extra to install instead of a traceback."""
     code = ("import sys; sys.modules['uvicorn'] = None; sys.modules['tqdm'] = None; "
             "from loopgpt.cli import main; sys.exit(main(sys.argv[1:]))")
     for args, extra in ((["serve", "--port", "1"], "server"), (["train", "--data", "x"], "train")):
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and f"pip install 'loopgpt[{extra}]'" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and f'pip install -e ".[{extra}]"' in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-c", code, "info", "--checkpoint", "/no/such"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "checkpoint directory does not exist" in proc.stderr
+
+
+def test_a_module_missing_at_run_time_names_its_extra(tiny_checkpoint):
+    """`loopgpt bench` with the loadtest extra but not transformers (row 1's baseline): one sentence, the extra."""
+    code = ("import sys; sys.modules['transformers'] = None; "
+            "from loopgpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1",
+                           "--reps", "1", "--tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        'loopgpt bench: error: this needs transformers, which is not installed: pip install -e ".[bench]"')
 
 
 def test_device_cuda_without_cuda_is_one_sentence(tiny_checkpoint):

@@ -7,12 +7,13 @@ damaged checkpoints under `serve` and `generate`, bad flags, a closed pipe.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
 
 import pytest
-from loopgpt.server.options import ServerOptions, add_option_flags, options_from_args
+from loopgpt.server.options import RayOptions, ServerOptions, add_option_flags, env_name, options_from_args
 from server_harness import free_port
 from test_checkpoint import broken, poison, set_config, write_eval
 
@@ -105,6 +106,44 @@ def test_serve_flags_are_the_options_dataclass():
                  "--prompt-nll", "--api-key", "--api-key-file", "--loop-cap", "--max-context", "--host", "--port",
                  "--backend", "--device", "--log-level", "--checkpoint"):
         assert flag in help_text, flag
+
+
+def test_every_serve_flag_has_its_variable_and_the_flag_wins(monkeypatch):
+    """LOOPGPT_<FLAG> sets any serve setting; a flag typed on the command line beats it; an empty one is unset."""
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+    add_option_flags(parser, RayOptions)
+    for cls in (ServerOptions, RayOptions):
+        for f in dataclasses.fields(cls):
+            assert f"env {env_name(f.name)}" in " ".join(parser.format_help().split()), f.name
+    monkeypatch.setenv("LOOPGPT_MAX_BATCH", "3")
+    monkeypatch.setenv("LOOPGPT_DEVICE", "cpu")
+    monkeypatch.setenv("LOOPGPT_COMPILE", "yes")
+    monkeypatch.setenv("LOOPGPT_HOST", "")
+    monkeypatch.setenv("LOOPGPT_REPLICAS", "2")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    args = parser.parse_args(["--device", "auto"])
+    options = options_from_args(args)
+    assert (options.max_batch, options.device, options.compile, options.host) == (3, "auto", True, "127.0.0.1")
+    assert args.max_batch == 3  # written back: code reading args sees what the options hold
+    ray = options_from_args(args, RayOptions)
+    assert (ray.replicas, ray.ray_address, ray.ray) == (2, "auto", False)
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("LOOPGPT_MAX_BATCH", "many", "$LOOPGPT_MAX_BATCH must be an integer, got 'many'"),
+    ("LOOPGPT_MAX_BATCH", "0", "--max-batch must be >= 1, got 0 (from $LOOPGPT_MAX_BATCH)"),
+    ("LOOPGPT_PROMPT_NLL", "half", "$LOOPGPT_PROMPT_NLL must be a number, got 'half'"),
+    ("LOOPGPT_DEVICE", "tpu", "$LOOPGPT_DEVICE must be one of auto, cpu, cuda, got 'tpu'"),
+    ("LOOPGPT_CUDA_GRAPHS", "maybe", "$LOOPGPT_CUDA_GRAPHS must be one of 1, true, yes, on, 0, false, no, off"),
+    ("LOOPGPT_AUTOSCALE", "3", "--autoscale takes MIN:MAX replica counts such as 1:4, got '3'"),
+])
+def test_serve_bad_variable_is_one_sentence_naming_it(variable, value, message, tiny_checkpoint, monkeypatch,
+                                                      capsys):
+    monkeypatch.setenv(variable, value)
+    flags = ["--ray"] if variable == "LOOPGPT_AUTOSCALE" else []
+    code, _, err = run_main(capsys, "serve", "--checkpoint", str(tiny_checkpoint), "--port", "1", *flags)
+    check_one_sentence("serve", code, err, message)
 
 
 def test_api_key_file(tmp_path, monkeypatch):

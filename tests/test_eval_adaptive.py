@@ -16,6 +16,7 @@ from loopgpt.train.evaluate import (
     fixed_loss_at,
     kv_bytes_per_token,
     load_tokens,
+    progress,
     sliding_nll,
     sliding_nll_adaptive,
     sliding_nll_decode,
@@ -120,3 +121,12 @@ def test_eval_flag_errors_are_one_sentence(flags, message, tiny_checkpoint, text
     code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(text_file), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_progress_in_a_log_file_is_a_line_a_while_not_a_bar(capsys):
+    """stderr is not a terminal here, as in a log file: no tqdm redraws, a plain line at most every `every_s`."""
+    assert list(progress(list(range(4)), "eval loops=6", every_s=0.0)) == [0, 1, 2, 3]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" in ")[0] for line in lines] == [f"eval loops=6: {i}/4 batches" for i in range(1, 5)]
+    assert list(progress(list(range(4)), "eval loops=6", every_s=3600)) == [0, 1, 2, 3]
+    assert list(progress([7], "")) == [7] and capsys.readouterr().err == ""

@@ -139,7 +139,7 @@ def test_the_pieces_agree(manifests):
     # the process sees the node's cores, not the pod's: the thread count must be explicit
     assert int(flag(c, "--threads")) >= 1
     env = {e["name"]: e for e in c["env"]}
-    assert env["LOOPGPT_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["LOOPGPT_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_the_gpu_overlay_asks_for_a_gpu(manifests):
@@ -162,6 +162,6 @@ def test_the_scale_metrics_exist_in_a_real_metrics_endpoint(tiny_checkpoint):
     for name in names:
         assert re.search(rf"^# TYPE {name} gauge$", text, re.M), f"{name} is not a gauge in /metrics"
         assert re.search(rf"^{name} [0-9.e+-]+$", text, re.M), f"{name} has no unlabelled sample"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deployment.md").read_text()
     for name in names:  # the documented names for KEDA and the Gateway API Inference Extension are the real ones
         assert name in readme

@@ -17,32 +17,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SHARED
-from server_harness import free_port, wait_healthy
+from conftest import HELDOUT, ROOT, needs_heldout
+from server_harness import serve_process
 
-HELDOUT = SHARED / "data" / "tinystories" / "heldout.txt"
 TASKS = ROOT / "eval" / "tasks"
 DOCS = 200
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not HELDOUT.is_file(), reason="needs ../shared/data/tinystories/heldout.txt")]
+pytestmark = [pytest.mark.slow, needs_heldout]
 
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    pytest.importorskip("lm_eval")
-    port, log = free_port(), (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "loopgpt.cli", "serve", "--port", str(port), "--threads", "1",
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc=proc, interval_s=0.2)
-    yield url
-    proc.terminate()
-    assert proc.wait(30) == 0
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[lm-eval]")')
+    with serve_process(tmp_path_factory.mktemp("serve") / "serve.log", "--threads", "1", "--log-level",
+                       "warning") as (url, _):
+        yield url
 
 
 def lm_eval(out: Path, model: str, model_args: list[str], tasks: list[str], *extra: str) -> dict:
-    """The documented command (README, Evaluating through the API), run as a user runs it; its results JSON."""
+    """The documented command (docs/evaluation.md, Through the API), run as a user runs it; its results JSON."""
     cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--include_path", str(TASKS), "--tasks", *tasks,
            "--model_args", *model_args, "--metadata", json.dumps({"heldout": str(HELDOUT), "docs": DOCS}),
            "--output_path", str(out), *extra]

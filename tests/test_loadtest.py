@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from loopgpt.loadtest.runner import LoadConfig, arrival_times, load_prompts, parse_loops_mix, run_load
 from loopgpt.loadtest.stats import RequestRecord, percentile, summarize, summarize_by_loops
+from server_harness import free_port
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -209,9 +210,7 @@ def test_api_key_is_sent_as_bearer(stub):
 
 
 def test_unreachable_server_is_counted_not_raised():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     cfg = LoadConfig(url=f"http://127.0.0.1:{port}", requests=3, timeout=5, progress=False)
     records, duration = asyncio.run(run_load(cfg))
     assert [r.status for r in records] == [0, 0, 0] and all("Connect" in r.error for r in records)

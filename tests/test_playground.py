@@ -13,9 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from loopgpt.model import save_checkpoint
+from server_harness import serve_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -41,18 +39,12 @@ def browser_or_skip():
         try:
             from playwright.sync_api import sync_playwright
         except ImportError:
-            missing = "python playwright is not installed (pip install playwright)"
+            missing = 'python playwright is not installed (pip install -e ".[browser]")'
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the browser test must run in CI but {missing}")
         pytest.skip(missing)
     return sync_playwright
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,36 +61,10 @@ def checkpoint(tmp_path_factory, bpe):
 
 @contextlib.contextmanager
 def serving(checkpoint: Path, log_path: Path, *flags: str):
-    """`loopgpt serve` as a subprocess on a free port; yields its base URL once /health answers 200."""
-    port = free_port()
-    log = log_path.open("w+")
-    cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", str(checkpoint),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-batch", "4", *flags]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"loopgpt serve exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("loopgpt serve did not answer /health within 60 s")
-            time.sleep(0.2)
+    """`loopgpt serve` on the checkpoint as a child process (server_harness.serve_process); yields its base URL."""
+    with serve_process(log_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--max-batch", "4", *flags,
+                       clean_exit=False) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from server_harness import free_port, wait_healthy
 if os.environ.get("CI") == "true":
     import ray  # noqa: F401  (the dev extra installs it: in CI a missing Ray is a failure, not a skip)
 else:
-    pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'loopgpt[ray]')")
+    pytest.importorskip("ray", reason='Ray Serve is not installed (pip install -e ".[ray]")')
 from loopgpt.server.ray_serve import DEPLOYMENT, LoopGPTReplica, ReplicaSettings, build_app, deployment_options  # noqa: E402
-from loopgpt.server.scale_out import Scaling  # noqa: E402
+from loopgpt.server.scaling import Scaling  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from loopgpt.cli import main  # noqa: E402
@@ -99,7 +99,7 @@ def test_serve_ray_without_ray_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code, str(DEMO)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [
-        "loopgpt serve: error: --ray needs Ray Serve, which is not installed: pip install 'loopgpt[ray]' "
+        "loopgpt serve: error: --ray needs Ray Serve, which is not installed: pip install -e \".[ray]\" "
         "(ray is missing)"]
 
 

@@ -36,9 +36,9 @@ from test_server_metrics import prometheus_binary, query, wait_for
 if os.environ.get("CI") == "true":
     import ray  # the dev extra installs it: in CI a missing Ray is a failure, not a skip
 else:
-    ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'loopgpt[ray]')")
+    ray = pytest.importorskip("ray", reason='Ray Serve is not installed (pip install -e ".[ray]")')
 from loopgpt.server.ray_serve import APP_NAME, DEPLOYMENT, STALE_S, ReplicaSettings, application  # noqa: E402
-from loopgpt.server.scale_out import Scaling  # noqa: E402
+from loopgpt.server.scaling import Scaling  # noqa: E402
 from ray import serve  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -5,36 +5,16 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from loopgpt.model import SamplingParams, generate_tokens, load_checkpoint
-from loopgpt.server.engine import Engine, FinishEvent, ModelRunner, NotAccepting, QueueFull, Request, TokenEvent
+from loopgpt.server.engine import Engine, ModelRunner, NotAccepting, QueueFull, Request
 from loopgpt.server.inprocess import InProcess
+from server_harness import Collector
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-class Collector:
-    """A thread-safe emit callback that remembers one request's events."""
-
-    def __init__(self):
-        self.events: list = []
-        self.done = threading.Event()
-
-    def __call__(self, ev) -> None:
-        self.events.append(ev)
-        if isinstance(ev, FinishEvent):
-            self.done.set()
-
-    def tokens(self) -> list[int]:
-        return [e.token_id for e in self.events if isinstance(e, TokenEvent)]
-
-    def finish(self) -> FinishEvent:
-        assert self.done.wait(60), "request did not finish within 60 s"
-        return self.events[-1]
 
 
 @pytest.fixture(scope="module")

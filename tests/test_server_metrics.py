@@ -12,16 +12,15 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import HELDOUT, ROOT, needs_heldout
 from loopgpt.model import SamplingParams, load_checkpoint
 from loopgpt.model.step import OUT_FIELDS
 from loopgpt.server.engine import ModelRunner, PrefillChunk, Sample, StepPlan
 from server_harness import free_port, post, running_server, samples
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "loopgpt.json"
 LOAD = {1: 3, 2: 2, 4: 2, 16: 1}  # loops -> requests: a mixed-loops load, one depth beyond the trained ones
 LOOP_CAP = 16
@@ -170,12 +169,12 @@ def _safe_query(prom: str, promql: str) -> list:
 DEMO = ROOT / "checkpoints" / "demo"
 
 
+@needs_heldout
 def test_prompt_nll_is_lower_at_max_loops_than_at_one_on_the_demo_checkpoint():
     if not (DEMO / "config.json").is_file():
         pytest.skip("checkpoints/demo is not there yet (the training issue ships it)")
     model, tokenizer, _ = load_checkpoint(DEMO)
-    text = (ROOT.parent / "shared" / "data" / "tinystories" / "heldout.txt")  # never trained on or selected with
-    stories = text.read_text(encoding="utf-8").split("\n\n")[:40] if text.is_file() else []
+    stories = HELDOUT.read_text(encoding="utf-8").split("\n\n")[:40]
     prompts = [ids[:128] for ids in (tokenizer.encode(s.strip()) for s in stories) if len(ids) >= 16]
     assert len(prompts) >= 10, "not enough held-out-like prompts"
     runner = ModelRunner(model, max_batch=1)

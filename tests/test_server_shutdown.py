@@ -6,32 +6,23 @@ with finish_reason "abort"), no new work is admitted, and the process exits 0.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from server_harness import free_port, make_long_checkpoint, sse_events, wait_healthy
+from server_harness import make_long_checkpoint, serve_process, sse_events
 
 GRACE_S = 1.5
 
 
 @pytest.fixture
-def serve_process(tmp_path_factory, bpe):
+def served(tmp_path_factory, bpe):
     ckpt = make_long_checkpoint(tmp_path_factory.mktemp("long-ckpt"), bpe)
-    port = free_port()
-    cmd = [sys.executable, "-m", "loopgpt.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
-           "--device", "cpu", "--max-batch", "2", "--shutdown-grace", str(GRACE_S), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, 90, proc, exited=proc.stdout.read)
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(log, "--checkpoint", str(ckpt), "--device", "cpu", "--max-batch", "2", "--shutdown-grace",
+                       str(GRACE_S), "--log-level", "warning", timeout_s=90) as (url, proc):
+        yield proc, url, log
 
 
 def refused(url: str, body: dict) -> bool:
@@ -42,8 +33,9 @@ def refused(url: str, body: dict) -> bool:
         return True
 
 
-def test_sigterm_drains_then_aborts_and_exits_0(serve_process):
-    proc, url = serve_process
+@pytest.mark.slow  # a server process, a 900-token stream and a drain
+def test_sigterm_drains_then_aborts_and_exits_0(served):
+    proc, url, log = served
     body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
         events = sse_events(r.iter_lines())
@@ -60,7 +52,7 @@ def test_sigterm_drains_then_aborts_and_exits_0(serve_process):
     assert final["finish_reason"] == "abort"
     # The stream was not cut at the signal: it kept producing tokens for about the grace period.
     assert ended - signalled >= GRACE_S * 0.8
-    assert proc.wait(30) == 0, proc.stdout.read()
+    assert proc.wait(30) == 0, log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
 

@@ -74,6 +74,7 @@ def test_rejections_leave_the_cache_as_plain_decoding_wrote_it(demo):
         torch.testing.assert_close(spec, plain, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # 600 requests on the demo
 def test_speculative_sampling_keeps_the_distribution(demo):
     """Temperature 1, 300 seeds: the second generated token (the first one a draft can stand in for) has the same
     distribution with and without speculation (two-sample chi-square over the likeliest tokens)."""

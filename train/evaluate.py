@@ -14,6 +14,7 @@ by token through the KV cache, which is what a KV budget (K/V slots shared acros
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from loopgpt.model.adaptive import DEFAULT_MEASURE, adaptive_hidden
 from loopgpt.model.forward import forward
 from loopgpt.model.tokenizer import EOT
 from tqdm import tqdm
+
+LOG_EVERY_S = 60.0  # progress lines in a log file
 
 
 def load_tokens(path: str | Path, tokenizer: Tokenizer, max_tokens: int = 0) -> torch.Tensor:
@@ -59,20 +62,38 @@ def windows(n: int, context: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def window_batches(ids: torch.Tensor, context: int, batch_size: int, device) -> Iterator[tuple]:
+def window_batches(ids: torch.Tensor, context: int, batch_size: int, device, desc: str = "") -> Iterator[tuple]:
     """(inputs (B, T), targets (B, T)) per batch of equal-length windows; a target scored by an earlier window
-    is -1. The short last window runs alone."""
+    is -1. The short last window runs alone. With `desc`, a progress bar on a terminal (none in a log file)."""
     spans = windows(len(ids), context)
+    groups = []
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         length = chunk[0][1] - chunk[0][0]
-        groups = [[c] for c in chunk] if any(e - b != length for b, e, _ in chunk) else [chunk]
-        for group in groups:
-            x = torch.stack([ids[b : e - 1] for b, e, _ in group]).to(device)  # (B, T)
-            y = torch.stack([ids[b + 1 : e] for b, e, _ in group]).clone()
-            for row, (b, _, first) in enumerate(group):
-                y[row, : first - 1 - b] = -1  # scored by an earlier window
-            yield x, y.to(device)
+        groups += [[c] for c in chunk] if any(e - b != length for b, e, _ in chunk) else [chunk]
+    for group in progress(groups, desc):
+        x = torch.stack([ids[b : e - 1] for b, e, _ in group]).to(device)  # (B, T)
+        y = torch.stack([ids[b + 1 : e] for b, e, _ in group]).clone()
+        for row, (b, _, first) in enumerate(group):
+            y[row, : first - 1 - b] = -1  # scored by an earlier window
+        yield x, y.to(device)
+
+
+def progress(items: list, desc: str, every_s: float = LOG_EVERY_S) -> Iterator:
+    """`items`, with a progress bar on a terminal, or in a log file a line at most every `every_s` seconds (a bar's
+    redraws would be thousands of lines there); nothing without `desc`."""
+    if not desc:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        yield from tqdm(items, desc=desc, unit="batch", leave=False)
+        return
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            print(f"{desc}: {i}/{len(items)} batches in {last - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
@@ -89,7 +110,8 @@ def _context(model: LoopGPT, context: int) -> int:
 def sliding_nll(model: LoopGPT, ids: torch.Tensor, loops: int, context: int = 0, batch_size: int = 8) -> tuple:
     """(sum of NLL, number of scored tokens) over `ids`: every token after the first, once."""
     total, count = 0.0, 0
-    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device,
+                               f"eval loops={loops}"):
         logits, _ = model(x, loops)
         nll, n = summed_nll(logits, y)
         total, count = total + nll, count + n
@@ -102,7 +124,8 @@ def sliding_nll_adaptive(model: LoopGPT, ids: torch.Tensor, tol: float, max_loop
                          batch_size: int = 8) -> tuple:
     """(sum of NLL, number of scored tokens, sum of their loops used) with per-token adaptive depth."""
     total, count, loops = 0.0, 0, 0
-    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device,
+                               f"eval tolerance={tol:g}"):
         h, used = adaptive_hidden(model, x, tol, max_loops, min_loops, measure)
         nll, n = summed_nll(model.head(h), y)
         total, count, loops = total + nll, count + n, loops + int(used[y >= 0].sum())
@@ -117,13 +140,20 @@ def sliding_nll_decode(model: LoopGPT, ids: torch.Tensor, loops: int, context: i
     tokens' K/V of the latest loop sharing loop n's slot (`config.kept_loop`). Without a budget it equals
     `sliding_nll` up to rounding."""
     total, count = 0.0, 0
-    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device):
+    for x, y in window_batches(ids, _context(model, context), batch_size, model.lm_head.weight.device,
+                               f"eval loops={loops}, token by token"):
         B, T = x.shape
         cache = KVCache(model.config, B, max_len=T, loops=loops, device=x.device, dtype=model.lm_head.weight.dtype)
         logits = torch.cat([forward(model, x[:, t : t + 1], loops, cache) for t in range(T)], dim=1)  # (B, T, V)
         nll, n = summed_nll(logits, y)
         total, count = total + nll, count + n
     return total, count
+
+
+def done(what: str, row: dict) -> None:
+    """One line on stderr per finished loop count: the progress a log file gets (the bars are terminal-only)."""
+    print(f"eval: {what}: loss {row['loss']:.4f} over {row['tokens']} tokens in {row['seconds']:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def kv_bytes_per_token(config: LoopGPTConfig, loops: int, dtype: torch.dtype) -> int:
@@ -137,13 +167,14 @@ def evaluate_loops(model: LoopGPT, ids: torch.Tensor, loops_list: list[int], con
     token by token through the cache (`sliding_nll_decode`), the only way a KV budget changes anything."""
     results = {}
     dtype = model.lm_head.weight.dtype
-    for loops in tqdm(loops_list, desc="eval", unit="loops", leave=False):
+    for loops in loops_list:
         start = time.perf_counter()
         total, count = (sliding_nll_decode if decode else sliding_nll)(model, ids, loops, context)
         loss = total / count
         results[str(loops)] = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
                                "kv_bytes_per_token": kv_bytes_per_token(model.config, loops, dtype),
                                "seconds": round(time.perf_counter() - start, 2)}
+        done(f"loops={loops}", results[str(loops)])
     return {"loops": results}
 
 
@@ -151,13 +182,14 @@ def evaluate_adaptive(model: LoopGPT, ids: torch.Tensor, tolerances: list[float]
                       min_loops: int = 1, measure: str = DEFAULT_MEASURE, context: int = 0) -> dict:
     """{"auto": {"TOL": {"loss", "ppl", "tokens", "mean_loops", "seconds"}}} for each tolerance."""
     results = {}
-    for tol in tqdm(tolerances, desc="eval auto", unit="tol", leave=False):
+    for tol in tolerances:
         start = time.perf_counter()
         total, count, loops = sliding_nll_adaptive(model, ids, tol, max_loops, min_loops, measure, context)
         loss = total / count
         results[f"{tol:g}"] = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "tokens": count,
                                "mean_loops": round(loops / count, 4),
                                "seconds": round(time.perf_counter() - start, 2)}
+        done(f"tolerance={tol:g}", results[f"{tol:g}"])
     return {"auto": results}
 
 

@@ -57,7 +57,7 @@ def read_hf_dataset(name: str, split: str = "train", field: str = "text", limit:
         raise ValueError(f"--hf-dataset {name} needs the datasets package: pip install datasets") from e
     ds = datasets.load_dataset(name, split=split, streaming=True)
     docs = []
-    for row in tqdm(ds, desc=f"reading {name}:{split}", unit="doc", leave=False):
+    for row in tqdm(ds, desc=f"reading {name}:{split}", unit="doc", leave=False, disable=None):
         if field not in row:
             raise ValueError(f"dataset {name} has no field {field!r}; choose one of {', '.join(row)} with --hf-field")
         if row[field].strip():
@@ -81,7 +81,7 @@ def make_tokenizer(spec: str, train_docs: list[str]) -> Tokenizer:
 def tokenize(docs: list[str], tokenizer: Tokenizer, desc: str) -> np.ndarray:
     dtype = np.uint16 if tokenizer.n_vocab <= 65535 else np.uint32
     ids: list[int] = []
-    for doc in tqdm(docs, desc=f"tokenizing {desc}", unit="doc", leave=False):
+    for doc in tqdm(docs, desc=f"tokenizing {desc}", unit="doc", leave=False, disable=None):
         ids += tokenizer.encode_document(doc)
     return np.asarray(ids, dtype=dtype)
 

@@ -235,7 +235,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(shards.meta["tokenizer"], shards.directory)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.startswith("cuda") else nullcontext())
     log = open(out / "log.jsonl", "a") if run.rank == 0 else None  # noqa: SIM115 (closed below)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=run.rank != 0, desc="train", unit="step")
+    # disable=None: a bar on a terminal only (in a log file its redraws would be thousands of lines)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=True if run.rank else None, desc="train", unit="step")
     start, tokens_per_step = time.time(), cfg.batch_size * cfg.grad_accum * run.world * run.model.config.block_size
     run.model.train()
     try:
