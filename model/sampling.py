@@ -155,14 +155,14 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, counter:
 
 
 def token_stats(logits: torch.Tensor, tokens: torch.Tensor, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row NLL of `tokens` (B,) and entropy under the model's own (untempered) distribution, float32. Without
-    `entropy` its column is NaN: the NLL needs one logsumexp over the vocabulary, the entropy a log-softmax, its exp
-    and a product, about 4x more on a CPU at 32 rows of GPT-2's vocabulary (scripts/head_cost.py)."""
+    """Per-row NLL of `tokens` (B,) and entropy under the model's own (untempered) distribution, float32; the logits
+    must be finite. Without `entropy` its column is NaN: the NLL needs one logsumexp over the vocabulary, the entropy
+    a softmax and a product more, about 2-4x the NLL's cost on a CPU at 32 rows of GPT-2's vocabulary
+    (scripts/head_cost.py). The NLL is computed the same way either way: a token's logprob never depends on it."""
     logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # (B,)
+    nll = lse - logits.gather(1, tokens[:, None]).squeeze(1)
     if not entropy:
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tokens[:, None]).squeeze(1)
         return nll, torch.full_like(nll, float("nan"))
-    logp = torch.log_softmax(logits, dim=-1)  # (B, V)
-    nll = -logp.gather(1, tokens[:, None]).squeeze(1)
-    ent = -(logp.exp() * logp).nan_to_num().sum(dim=-1)  # 0 * log 0 is 0, not NaN
-    return nll, ent
+    p = torch.exp(logits - lse[:, None])  # (B, V)
+    return nll, lse - (p * logits).sum(dim=-1)  # -sum p log p, with log p = logits - lse
