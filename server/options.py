@@ -43,7 +43,7 @@ class ServerOptions:
     served_model_name: list[str] | None = option(None, "the names the model answers to in a request's `model` "
                                                  "(also NAME:loops=N); the first is the one /v1/models and responses "
                                                  "report (default: the checkpoint directory's name)", nargs="+",
-                                                 metavar="NAME")
+                                                 metavar="NAME", type=str)
     host: str = option("127.0.0.1", "address to bind")
     port: int = option(8000, "TCP port to listen on")
     backend: str = option("torch", "model runtime", choices=("torch", "onnx"))

@@ -11,7 +11,7 @@
   A streamed response to an HTTP/1.0 request is sent close-delimited instead (RFC 9112 section 6.3: the body ends
   when the connection closes), with one `connection: close` header. (uvicorn's h11 protocol already does this.)
 
-    python -m pytest tests/test_server_protocol.py -q
+    python -m pytest tests/test_server_reliability.py -q
 """
 
 from __future__ import annotations

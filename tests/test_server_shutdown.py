@@ -57,9 +57,9 @@ def test_sigterm_drains_then_aborts_and_exits_0(served):
         httpx.get(f"{url}/health", timeout=2)
 
 
-def test_the_port_stays_open_and_answers_503_while_draining(serve_process):
+def test_the_port_stays_open_and_answers_503_while_draining(served):
     """Issue 25: a load balancer's probe during the drain gets the documented 503, not a refused connection."""
-    proc, url = serve_process
+    proc, url, _ = served
     body = {"prompt": "Once upon a time", "max_tokens": 900, "loops": 16, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
         events = sse_events(r.iter_lines())
