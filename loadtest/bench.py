@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, SamplingParams, generate_tokens, load_checkpoint, resolve_dtype
 
+from loopgpt import install_hint
+
 from .depths import depth_gain, mixed_loops
 from .runner import BUILTIN_PROMPTS
 from .timing import Row, interleaved, med, table
 
 GREEDY = SamplingParams(temperature=0.0)
-NO_ENGINE = "the engine rows need the server extra: pip install 'loopgpt[server]'"
+NO_ENGINE = f"the engine rows need the server extra: {install_hint('server')}"
 
 
 def reference_decode(model: Any, prompt: list[int], loops: int, n: int) -> None:

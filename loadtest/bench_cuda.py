@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from loopgpt.model import LoopGPT, load_tokenizer, preset
 
+from loopgpt import install_hint
+
 from .depths import MIXED_LOOPS, depth_gain
 from .timing import Row, med
 
@@ -56,7 +58,7 @@ def row_cuda(engine: Any, reps: int, tokens: int, dtype: torch.dtype) -> Row:
         row.skipped = "no CUDA device (torch.cuda.is_available() is False)"
         return row
     if engine is None:
-        row.skipped = "the engine needs the server extra: pip install 'loopgpt[server]'"
+        row.skipped = f"the engine needs the server extra: {install_hint('server')}"
         return row
     from .hf import to_hf
 

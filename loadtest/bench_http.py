@@ -22,6 +22,8 @@ import httpx
 import torch
 from loopgpt.model import LoopGPT
 
+from loopgpt import install_hint
+
 from .runner import LoadConfig, run_load
 from .timing import Row, interleaved, med
 
@@ -125,7 +127,7 @@ def row_http_vs_inprocess(url: str, model: LoopGPT, tokenizer, engine: Any, prom
               "loopgpt serve, one SSE stream (client-side wall time)",
               "the same engine in this process (same prompt, greedy)", target=0.9)
     if engine is None:
-        row.skipped = "the in-process engine needs the server extra: pip install 'loopgpt[server]'"
+        row.skipped = f"the in-process engine needs the server extra: {install_hint('server')}"
         return row
     failed = 0
 
