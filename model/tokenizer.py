@@ -141,7 +141,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     try:
         import rustbpe
     except ImportError as e:
-        raise TokenizerError("training a BPE needs rustbpe: pip install 'loopgpt[train]'") from e
+        raise TokenizerError('training a BPE needs rustbpe: pip install -e ".[train]"') from e
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(texts), vocab_size - 1)
     ranks = dict(trainer.get_mergeable_ranks())

@@ -17,6 +17,8 @@ import torch
 from loopgpt.model import Tokenizer, load_checkpoint, resolve_device, resolve_dtype
 from loopgpt.model.memory import check_memory
 
+from loopgpt import install_hint
+
 log = logging.getLogger("loopgpt.server")
 KV_SHRINK = "--max-batch, --loop-cap, --max-context or --kv-budget"
 
@@ -25,7 +27,7 @@ class BackendError(ValueError):
     """A backend or device that cannot be used; the message says what to do instead."""
 
 
-ONNX_MISSING = "--backend onnx needs the ONNX runtime: pip install 'loopgpt[export]'"
+ONNX_MISSING = f"--backend onnx needs the ONNX runtime: {install_hint('export')}"
 
 
 @dataclass
