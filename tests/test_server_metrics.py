@@ -124,7 +124,7 @@ def wait_for(check, what: str, timeout: float = 30.0):
 
 def test_real_prometheus_runs_every_dashboard_query(tiny_checkpoint, tmp_path):
     binary = prometheus_binary()
-    with running_server(tiny_checkpoint, max_batch=4) as (url, _):
+    with running_server(tiny_checkpoint, max_batch=4, prompt_nll=1.0) as (url, _):
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
