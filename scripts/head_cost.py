@@ -7,20 +7,13 @@ one thread. Decides which per-token metrics are cheap enough to keep (docs/perfo
 
 from __future__ import annotations
 
-import time
-
 import torch
+from loopgpt.loadtest.timing import repeat
 from loopgpt.model.sampling import token_stats
 
 
 def best(fn, reps: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3  # ms, the least disturbed run
+    return min(repeat(fn, reps)) * 1e3  # ms, the least disturbed run
 
 
 def main() -> None:

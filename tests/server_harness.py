@@ -24,6 +24,7 @@ from conftest import tiny_model
 from loopgpt.model import save_checkpoint
 from loopgpt.server.app import ServerOptions, create_app
 from loopgpt.server.engine import FinishEvent, TokenEvent, load_backend
+from loopgpt.server.protocol import listen_socket, uvicorn_config
 
 
 def free_port() -> int:
@@ -52,14 +53,15 @@ def wait_healthy(url: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path, **options) -> Iterator[tuple[str, object]]:
-    """(base URL, app) of a uvicorn server in a thread, ready (/health 200) before it is yielded."""
+def running_server(checkpoint: Path, header_timeout: float = 10.0, **options) -> Iterator[tuple[str, object]]:
+    """(base URL, app) of a uvicorn server in a thread, on `loopgpt serve`'s own socket and protocol
+    (server/protocol.py), ready (/health 200) before it is yielded."""
     app = create_app(lambda: load_backend(checkpoint, "torch", "cpu", "float32"), ServerOptions(**options))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = listen_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn_config(app, header_timeout, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     wait_healthy(url, interval_s=0.05)
     try:
         yield url, app

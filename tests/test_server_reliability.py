@@ -8,7 +8,6 @@ while 8 clients send 1 MB /tokenize bodies (scripts/health_under_load.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,17 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from loopgpt.server.app import ServerOptions, create_app
-from loopgpt.server.engine import load_backend
-from loopgpt.server.protocol import MAX_HEADER_BYTES, listen_socket, uvicorn_config
+from loopgpt.server.protocol import MAX_HEADER_BYTES
 from loopgpt.server.templates import RENDER_TIMEOUT_S
-from server_harness import free_port, metric_value, post, running_server, wait_healthy
+from server_harness import free_port, metric_value, post, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = {"role": "user", "content": "Hello."}
@@ -52,26 +47,9 @@ def with_template(checkpoint: Path, directory: Path, template: str) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def served(checkpoint: Path, header_timeout: float = 10.0, **options) -> Iterator[tuple[str, object]]:
-    """server_harness.running_server, but on `loopgpt serve`'s own socket and protocol (server/protocol.py)."""
-    app = create_app(lambda: load_backend(checkpoint, "torch", "cpu", "float32"), ServerOptions(**options))
-    sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn_config(app, header_timeout, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    wait_healthy(url, interval_s=0.05)
-    try:
-        yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with served(tiny_checkpoint, header_timeout=1.0, max_batch=2) as (url, app):
+    with running_server(tiny_checkpoint, header_timeout=1.0, max_batch=2) as (url, app):
         yield url, app
 
 
