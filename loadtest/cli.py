@@ -46,7 +46,8 @@ def add_loadtest_parser(sub) -> None:
     p.add_argument("--prompt-tokens", default=None, help="prompts of this many tokens of the served model, e.g. "
                    "32:64 (a range, uniform) or 48: windows of the prompt texts, cut by the server's /tokenize")
     p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
-                   help="every prompt starts with the same N tokens (a prefix cache's case; default 0: none)")
+                   help="every prompt starts with the same N tokens (a prefix cache's case; default 0: none), "
+                   "then its own text (sized by --prompt-tokens when given)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens tokens (the "
@@ -84,11 +85,6 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
     prompts = load_prompts(args.prompts, args.prompt_chars) if args.prompts else list(BUILTIN_PROMPTS)
     if args.shared_prefix < 0:
         raise ValueError(f"--shared-prefix must be >= 0 tokens, got {args.shared_prefix}")
-    if args.shared_prefix and args.prompt_tokens is not None:
-        raise ValueError("--shared-prefix and --prompt-tokens do not combine (the windows would cut the prefix off); "
-                         "size the prompts after the prefix with --prompt-chars")
-    if args.shared_prefix:
-        prompts = with_shared_prefix(args.url[0].split(",")[0], prompts, args.shared_prefix, args.api_key)
     cfg = LoadConfig(url=",".join(args.url), loops_mix=parse_loops_mix(args.loops or "1"), prompts=prompts,
                      max_tokens=args.max_tokens, temperature=args.temperature, concurrency=first,
                      rate=args.rate, requests=args.rounds * first if args.rounds else args.requests,
@@ -103,6 +99,9 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
                 return await sized_prompts(client, cfg.urls[0], prompts, low, high, cfg.seed)
 
         cfg = dataclasses.replace(cfg, prompts=asyncio.run(fetch()))
+    if args.shared_prefix:  # after the sizing: --prompt-tokens sizes what follows the prefix
+        cfg = dataclasses.replace(cfg, prompts=with_shared_prefix(cfg.urls[0], cfg.prompts, args.shared_prefix,
+                                                                  args.api_key))
     return cfg
 
 

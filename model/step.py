@@ -137,7 +137,8 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     Padding tokens write their K/V into the `scratch` row. With `targets` (the prompt token each position
     predicts, one list per chunk, possibly one shorter than the chunk), the teacher-forced NLL of those
     targets at the request's depth is added to `state.prompt_nll` (reset at a prompt's first chunk). With
-    `scores` (a list) too, the per-position table (P, T, 1 + TOP_FIELDS) float32 is appended to it: each target's
+    `scores` (a list) too, the per-position table (S, T', 1 + TOP_FIELDS) float32 is appended to it, one row per
+    chunk with targets (S of them, in order; T' their longest): each target's
     log-probability, then the TOP_LOGPROBS largest log-probabilities and their ids (echo's prompt logprobs). With
     `adaptive` (tolerance, min_loops), every prompt token stops looping on its own (`adaptive_hidden`, the same
     policy the decode step follows), within the budget max(loops). With `states` (a list), every position's hidden
@@ -162,8 +163,11 @@ def prefill(model: LoopModel, cache: KVCache, state: StepState, rows: list[int],
     fresh = [r for r, s in zip(rows, starts, strict=True) if s == 0]
     if fresh:
         state.prompt_nll[torch.tensor(fresh, device=dev)] = 0.0
-    if targets is not None and any(targets):
-        score_states(model, state, x, targets, row_t, scores)
+    scored = [i for i, t in enumerate(targets or ()) if t]
+    if scored:  # only the chunks with targets: the head over a batched neighbour's positions would be thrown away
+        sel = torch.tensor(scored, device=dev)
+        score_states(model, state, x[sel, :max(len(targets[i]) for i in scored)], [targets[i] for i in scored],
+                     row_t[sel], scores)
     return last
 
 

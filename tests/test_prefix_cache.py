@@ -214,20 +214,20 @@ def test_eviction_under_a_tiny_budget_keeps_the_cache_within_it(parts, prefix):
 
 
 def test_scored_prompts_are_scored_from_the_cache_at_their_own_depth(parts, prefix):
-    """Echo's prompt logprobs and the prompt_nll metric from a cached prefix: its positions are scored from their
-    states after the request's last loop (kept at that depth, or run deeper at admission); a prefix cached deeper than
-    the request cannot score it and is not used."""
+    """Echo's prompt logprobs from a cached prefix: its positions are scored from their states after the request's
+    last loop (kept at that depth, or run deeper at admission); a prefix cached deeper than the request cannot score
+    it and is not used. The sampled prompt_nll metric of a cache hit covers the positions the request computes."""
     model, tokenizer = parts
     ends = [tokenizer.encode(s) for s in (" The end.", " Her mom smiled.", " She ran.", " Yes.")]
     reqs = [ask(prefix + ends[0], 3), ask(prefix + ends[1], 3, prompt_logprobs=5), ask(prefix + ends[2], 5),
             ask(prefix + ends[3], 3, prompt_logprobs=2)]
     got, want = [], []
-    for cache_bytes, out in ((MB, got), (0, want)):
+    for cache_bytes, out, asked in ((MB, got, reqs), (0, want, [{**r, "prompt_logprobs": r.get("prompt_logprobs") or 1} for r in reqs])):
         runner = Checked(model, max_batch=4, prefix_cache_bytes=cache_bytes)
         engine = Engine(runner, tokenizer, prompt_nll=1.0)  # every prompt scored for the prompt_nll metric
         engine.start()
         try:
-            for r in reqs:
+            for r in asked:
                 events = Events()
                 engine.submit(Request(emit=events, eos_token=-1, **r))
                 out.append([events.wait()])
@@ -236,14 +236,19 @@ def test_scored_prompts_are_scored_from_the_cache_at_their_own_depth(parts, pref
     same(got, want)
     # 3 then 3: from the cache; at 5: loops 3 and 4 run from the kept states; at 3 again: the depth-5 blocks cannot
     # give depth-3 states, so it prefills whole
-    assert [g[0].final.cached_tokens for g in got] == [0, 2 * BLOCK, 2 * BLOCK, 0]
-    for a, b in zip(got, want, strict=True):
-        assert a[0].final.prompt_nll == pytest.approx(b[0].final.prompt_nll, rel=1e-5)
-        assert (a[0].prompt is None) == (b[0].prompt is None)
-        if a[0].prompt is not None:  # echo: every prompt position's logprob and alternatives
-            assert len(a[0].prompt.logprobs) == len(reqs[got.index(a)]["prompt_ids"]) - 1
+    cached = [g[0].final.cached_tokens for g in got]
+    assert cached == [0, 2 * BLOCK, 2 * BLOCK, 0]
+    for a, b, r, hit in zip(got, want, reqs, cached, strict=True):
+        # echo scores every position; the metric alone those after the cached prefix (its own prefill)
+        scored = b[0].prompt.logprobs[0 if r.get("prompt_logprobs") is not None else hit:]
+        assert a[0].final.prompt_nll == pytest.approx(-sum(scored) / len(scored), rel=1e-4)
+        assert b[0].final.prompt_nll == pytest.approx(-sum(b[0].prompt.logprobs) / len(b[0].prompt.logprobs), rel=1e-4)
+        if r.get("prompt_logprobs") is not None:  # echo: every prompt position's logprob and alternatives
+            assert len(a[0].prompt.logprobs) == len(r["prompt_ids"]) - 1
             assert a[0].prompt.logprobs == pytest.approx(b[0].prompt.logprobs, rel=1e-4, abs=1e-5)
             assert [[t for t, _ in top] for top in a[0].prompt.top] == [[t for t, _ in top] for top in b[0].prompt.top]
+        else:
+            assert a[0].prompt is None
 
 
 def test_never_across_adaptive_requests(parts, prefix):

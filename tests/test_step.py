@@ -122,3 +122,25 @@ def test_kv_budget_keeps_loop_0_apart_on_the_host_and_on_the_device(budget, kept
     access = CacheAccess(cache, loop, torch.zeros(7, dtype=torch.long), torch.zeros(7, dtype=torch.long),
                          torch.zeros(7, 1, dtype=torch.long), 1, torch.ones(7, 1, 1, 1, dtype=torch.bool))
     assert access.base.tolist() == [cfg.slot(n, 0, 0) for n in range(7)]
+
+
+def test_prefill_scores_only_the_chunks_with_targets():
+    """Chunks batched in one prefill, some scored and some not: a scored chunk's NLL and table equal the reference
+    log-softmax of its positions, whatever its neighbours (the table has one row per scored chunk, in order)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8], [6, 1, 2, 9, 9]]
+    targets = [[], prompts[1][1:], prompts[2][1:]]  # the first chunk is not scored
+    R = 4
+    cache = KVCache(model.config, R, loops=3)
+    state = StepState.allocate(R, R, model.config.n_embd, "cpu", torch.float32)
+    scores: list[torch.Tensor] = []
+    prefill(model, cache, state, [0, 1, 2], prompts, [0, 0, 0], [3, 2, 3], R - 1, targets, scores=scores)
+    assert scores[0].shape[:2] == (2, 4)  # chunks 1 and 2; their longest target list
+    for row, (p, loops) in enumerate(zip(prompts, [3, 2, 3], strict=True)):
+        logp = torch.log_softmax(model(torch.tensor([p]), loops)[0][0].float(), dim=-1)  # (T, V)
+        want = -logp[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+        assert float(state.prompt_nll[row]) == pytest.approx(float(want.sum()) if targets[row] else 0.0, rel=1e-4)
+        if targets[row]:
+            table = scores[0][row - 1, :len(p) - 1, 0]
+            assert torch.allclose(table, -want, rtol=1e-4, atol=1e-5)

@@ -194,7 +194,13 @@ class Engine(Scheduler):
         keep = self.depth if launched else 0  # with nothing new to launch, catch up completely
         while len(self.inflight) > keep:
             self._postprocess(*self.inflight.popleft())
-        self._account(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        self._account(t1 - t0, t2 - t1, t3 - t2)
+        if launched and log.isEnabledFor(logging.DEBUG):  # the turn timeline (`serve --log-level debug`)
+            log.debug("turn: %d loop(s) x %d lanes, prefill %d tokens in %d chunk(s), %d head rows, %d prefix "
+                      "loads; schedule %.1f run %.1f postprocess %.1f ms; %d waiting", plan.repeat, len(plan.lanes),
+                      sum(len(c.ids) for c in plan.prefill), len(plan.prefill), len(plan.samples),
+                      len(plan.prefix_loads), 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), len(self.waiting))
 
     def _account(self, schedule: float, run: float, postprocess: float) -> None:
         """Where the engine thread's time goes, per phase (on a CPU `run` is the model; on a GPU it is the launch
@@ -274,9 +280,10 @@ class Engine(Scheduler):
             return
         if row.first_token_at is None:
             row.first_token_at = now
-            n = len(req.prompt_ids)
-            if row.scored and n > 1:
-                row.prompt_nll = head.prompt_nll / (n - 1)
+            # positions scored: all but the last for echo, the uncached ones for the metric alone (_lookup)
+            n = len(req.prompt_ids) - 1 - ((row.fork_of or row).cached if req.prompt_logprobs is None else 0)
+            if row.scored and n > 0:
+                row.prompt_nll = head.prompt_nll / n
                 if self.metrics:
                     self.metrics.prompt_scored(req, row.prompt_nll)
             if req.prompt_logprobs is not None:

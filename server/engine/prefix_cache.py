@@ -14,9 +14,9 @@ least recently used first out. The host-side index (`match`) is what the schedul
 device copies the runner makes.
 
 Never used where the numbers would differ: with a KV budget (the shared slots hold depth-specific K/V: the engine
-builds no cache), nor for adaptive requests (their tokens stop at their own loops). A scored prompt (echo's prompt
-logprobs, the prompt_nll metric) uses only blocks computed at its depth or shallower: its cached positions are
-scored from their states after its last loop.
+builds no cache), nor for adaptive requests (their tokens stop at their own loops). A prompt whose logprobs are
+asked for (echo) uses only blocks computed at its depth or shallower: its cached positions are scored from their
+states after its last loop. (The sampled prompt_nll metric scores only the positions a request computes.)
 
     python -m pytest tests/test_prefix_cache.py -q
 """
@@ -88,7 +88,7 @@ class PrefixCache:
         """The longest run of cached blocks starting `ids`, leaving at least the last prompt token to prefill (its
         hidden state samples the first token); marked as just used. Blocks computed shallower than `loops` must
         share one depth (their deeper loops run together from their kept states, see `load`). For a `scored` prompt
-        no block computed deeper either: its positions are scored from their states after loop `loops` - 1."""
+        (echo) no block computed deeper either: its positions are scored from their states after loop `loops` - 1."""
         out: list[Block] = []
         shallow = None
         for key, parent, block in chain(ids[:len(ids) - 1]):

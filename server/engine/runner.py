@@ -297,8 +297,8 @@ class ModelRunner:
                            group[0].adaptive if adaptive else None, scores, states)
             for i, c in enumerate(group if states else ()):
                 self.prefix.keep(c.row, c.start, states[0][i, :len(c.ids)])
-            for i, c in enumerate(group):
-                if scores and c.scored and c.targets:
+            for i, c in enumerate([c for c in group if c.targets] if scores else ()):  # the table's rows
+                if c.scored:
                     # on its way to the host with the turn's other outputs (pinned, asynchronous on CUDA)
                     self.scores.setdefault(c.row, []).append(
                         scores[0][i, :len(c.targets)].to("cpu", non_blocking=True))
@@ -307,13 +307,13 @@ class ModelRunner:
             self.state.hidden[torch.tensor(lanes, device=self.device)] = last.to(self.state.hidden.dtype)
 
     def _load_prefix(self, row: int, blocks: list[Any], loops: int, targets: list[int] | None, table: bool) -> None:
-        """A cached prefix into cache row `row`; a scored prompt's cached positions are scored from their states
-        (`targets`: what each predicts), their table kept with `table` (echo), as the prefill does for the rest."""
+        """A cached prefix into cache row `row`; echo's cached positions are scored from their states (`targets`:
+        what each predicts) and their table kept with `table`, as the prefill does for the rest."""
         self.prefix.load(self.model, row, blocks, loops)
+        rows = torch.tensor([row], device=self.device)
+        self.state.prompt_nll[rows] = 0.0  # the prefill's chunks add to it from the first uncached position on
         if targets is None:
             return
-        rows = torch.tensor([row], device=self.device)
-        self.state.prompt_nll[rows] = 0.0
         scores: list[torch.Tensor] | None = [] if table else None
         score_states(self.model, self.state, self.prefix.states[row, :len(targets)][None], [targets], rows, scores)
         if scores:

@@ -107,13 +107,16 @@ class Scheduler:
         return False
 
     def _lookup(self, row: Row) -> None:
-        """A new prompt's longest cached prefix: its positions are not prefilled again. A scored prompt (its
-        logprobs asked for, echo, or sampled for the prompt_nll metric) takes no block computed deeper than it."""
+        """A new prompt's longest cached prefix: its positions are not prefilled again. A prompt whose logprobs
+        are asked for (echo) takes no block computed deeper than it: its cached positions are scored from their
+        states. One sampled for the prompt_nll metric scores only the positions it computes (scoring a cached
+        prefix again would cost a head over every position, the largest matmul of a prefill on a real
+        vocabulary, which the cache exists to save)."""
         req = row.req
         if not self._cacheable(req):
             return
         row.keys = {key for key, _, _ in chain(req.prompt_ids)}  # kept when its prefill completes (see _behind)
-        blocks = self.runner.prefix.match(req.prompt_ids, req.loops, self._scored(row))
+        blocks = self.runner.prefix.match(req.prompt_ids, req.loops, req.prompt_logprobs is not None)
         row.cached = row.prefilled = sum(len(b.ids) for b in blocks)
         row.load = blocks or None
         if self.metrics:
@@ -172,8 +175,8 @@ class Scheduler:
             targets = (prompt[start + 1:end + 1]) if self._scored(row) else None
             adaptive = row.req.adaptive
             if row.load:
-                plan.prefix_loads.append((row.index, row.load, row.req.loops,
-                                          prompt[1:start + 1] if self._scored(row) else None, scored))
+                plan.prefix_loads.append((row.index, row.load, row.req.loops, prompt[1:start + 1] if scored else None,
+                                          scored))
                 row.load = None
             plan.prefill.append(PrefillChunk(row.index, prompt[start:end], start, row.req.deepest, targets,
                                              None if adaptive is None else (adaptive.tolerance, adaptive.min_loops),
