@@ -69,15 +69,16 @@ def free_bytes(device: torch.device | str = "cpu") -> int | None:
 
 def check_memory(config: LoopGPTConfig, device: torch.device | str = "cpu", *, weights: bool = False,
                  batch: int = 0, max_len: int | None = None, loops: int | None = None, dtype_bytes: int = 4,
-                 shrink: str = "") -> int:
-    """Bytes needed for the weights (with `weights`) and a KV cache of `batch` rows (see
-    `LoopGPTConfig.kv_cache_bytes`); raises MemoryBudgetError when they exceed the device's free memory.
+                 shrink: str = "", prefix_bytes: int = 0) -> int:
+    """Bytes needed for the weights (with `weights`), a KV cache of `batch` rows (see
+    `LoopGPTConfig.kv_cache_bytes`) and a prefix cache of `prefix_bytes` (the server's, at its capacity); raises
+    MemoryBudgetError when they exceed the device's free memory.
 
     Call it before allocating. `shrink` names what the user can lower (flags), for the sentence."""
-    assert batch >= 0 and dtype_bytes > 0
+    assert batch >= 0 and dtype_bytes > 0 and prefix_bytes >= 0
     weight_bytes = config.num_params() * dtype_bytes if weights else 0
     kv_bytes = config.kv_cache_bytes(batch, max_len, loops, dtype_bytes) if batch else 0
-    need = weight_bytes + kv_bytes
+    need = weight_bytes + kv_bytes + prefix_bytes
     free = free_bytes(device)
     if free is None or need <= free:
         return need
@@ -88,5 +89,7 @@ def check_memory(config: LoopGPTConfig, device: torch.device | str = "cpu", *, w
     if kv_bytes:
         parts.append(f"the KV cache needs {human_bytes(kv_bytes)} ({batch} row(s) x {loops or config.loop_cap} "
                      f"loops x {max_len or config.block_size} positions)")
+    if prefix_bytes:
+        parts.append(f"the prefix cache may take {human_bytes(prefix_bytes)} (--prefix-cache-mb)")
     fix = f"; lower {shrink}" if shrink else ""
     raise MemoryBudgetError(f"{' and '.join(parts)} but only {human_bytes(free)} of {where} is free{fix}")

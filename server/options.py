@@ -76,7 +76,7 @@ class ServerOptions:
                                 "at any depth up to the earlier one's (not with --kv-budget, adaptive requests or "
                                 "prompt logprobs)")
     prefix_cache_mb: float = option(-1.0, "memory of the prefix cache in MiB, least recently used blocks evicted "
-                                    "first (-1: a quarter of the KV cache's; 0: off)")
+                                    "first (-1: the KV cache's size on a CPU, a quarter of it on a GPU; 0: off)")
     shutdown_grace: float = option(10.0, "seconds running streams may finish after SIGTERM before they are aborted")
     header_timeout: float = option(10.0, "seconds a client has to send a request's line and headers (slow-header "
                                    "clients are answered 408 and disconnected; server/protocol.py)")
@@ -125,7 +125,7 @@ class ServerOptions:
         if not 0 <= self.prompt_nll <= 1:
             raise ValueError(f"--prompt-nll must be in 0..1 (a fraction of requests), got {self.prompt_nll}")
         if self.prefix_cache_mb < 0 and self.prefix_cache_mb != -1:
-            raise ValueError(f"--prefix-cache-mb must be >= 0 (or -1 for a quarter of the KV cache's memory), got "
+            raise ValueError(f"--prefix-cache-mb must be >= 0 (or -1 for the default size), got "
                              f"{self.prefix_cache_mb}")
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")

@@ -56,3 +56,13 @@ def test_weights_that_cannot_fit_are_refused_before_anything_is_allocated():
 
 def test_human_bytes():
     assert [human_bytes(n) for n in (999, 1000, 3_100_000_000_000, 5e15)] == ["999 B", "1.0 KB", "3.1 TB", "5000.0 TB"]
+
+
+def test_the_prefix_cache_counts_in_the_budget():
+    """The server's prefix cache is checked at its capacity with the KV cache (`loopgpt serve --prefix-cache-mb`)."""
+    cfg = preset("demo")
+    kv = cfg.kv_cache_bytes(8)
+    assert check_memory(cfg, "cpu", batch=8, prefix_bytes=1 << 20) == kv + (1 << 20)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory(cfg, "cpu", batch=8, prefix_bytes=1 << 50, shrink="--max-batch or --prefix-cache-mb")
+    assert " and the prefix cache may take 1125.9 TB (--prefix-cache-mb) but only " in str(info.value)

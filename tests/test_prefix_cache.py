@@ -319,3 +319,16 @@ def test_a_block_loaded_from_a_deeper_entry_is_not_kept_again_once_that_is_evict
         cache.used = 0
         cache.store(1, ids, 4)
     assert cache.blocks == {} and cache.used == 0
+
+
+def test_prefill_packs_chunks_of_similar_lengths():
+    """A hit's short suffix is not padded to a long prompt beside it: forwards of similar lengths, padding within a
+    quarter of their positions, every chunk exactly once."""
+    from loopgpt.server.engine.runner import packs
+
+    chunks = [PrefillChunk(r, [1] * n, 0, 6) for r, n in enumerate([20, 128, 22, 100, 5, 18])]
+    got = packs(chunks)
+    assert [[len(c.ids) for c in g] for g in got] == [[128, 100], [22, 20, 18], [5]]
+    for g in got:
+        assert len(g[0].ids) * len(g) <= 1.25 * sum(len(c.ids) for c in g)
+    assert [len(g) for g in packs([PrefillChunk(r, [1] * 16, 0, 6) for r in range(8)])] == [8]

@@ -87,13 +87,17 @@ def serving_config(cfg: Any, loop_cap: int, max_context: int) -> Any:
     return dataclasses.replace(cfg, loop_cap=loop_cap or cfg.loop_cap, block_size=max_context or cfg.block_size)
 
 
-def prefix_cache_bytes(cfg: Any, opt: Any, dtype: torch.dtype) -> int:
-    """--prefix-cache-mb in bytes; by default a quarter of the KV cache's memory (the cache's rows hold the live
-    requests, the prefix cache what they may share)."""
+def prefix_cache_bytes(cfg: Any, opt: Any, dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
+    """--prefix-cache-mb in bytes. By default as much as the KV cache's memory on a CPU, a quarter of it on a GPU:
+    the cache's rows hold the live requests, the prefix cache what they may share. Host memory is plentiful and an
+    evaluation's shared contexts come back far apart (lm-eval sorts its requests by length): on tinystories_next a
+    quarter kept 31% of the prompt tokens, the whole share 45%, 512 MiB no more (docs/performance.md). On a GPU
+    the memory is the KV cache's own, so its default stays a quarter (not measured there)."""
     if not opt.prefix_cache or opt.prefix_cache_mb == 0:
         return 0
     if opt.prefix_cache_mb < 0:
-        return cfg.kv_cache_bytes(opt.max_batch + 1, dtype_bytes=torch.finfo(dtype).bits // 8) // 4
+        kv = cfg.kv_cache_bytes(opt.max_batch + 1, dtype_bytes=torch.finfo(dtype).bits // 8)
+        return kv // 4 if torch.device(device).type == "cuda" else kv
     return int(opt.prefix_cache_mb * 2**20)
 
 
@@ -107,11 +111,13 @@ def build_engine(loaded: Loaded, opt: Any, max_queue: int | None = None) -> Any:
     loaded.model.config = serving_config(loaded.model.config, opt.loop_cap, opt.max_context)
     if opt.kv_budget >= 0:  # a ConfigError sentence names the range
         loaded.model.config = loaded.model.config.with_kv_budget(opt.kv_budget)
+    prefix = prefix_cache_bytes(loaded.model.config, opt, loaded.dtype, loaded.device)
     check_memory(loaded.model.config, loaded.device, batch=opt.max_batch + 1,  # + the scratch row
-                 dtype_bytes=torch.finfo(loaded.dtype).bits // 8, shrink=KV_SHRINK)
+                 dtype_bytes=torch.finfo(loaded.dtype).bits // 8, prefix_bytes=prefix,
+                 shrink=KV_SHRINK.replace(" or", ",") + " or --prefix-cache-mb" if prefix else KV_SHRINK)
     runner = ModelRunner(loaded.model, opt.max_batch, device=loaded.device, dtype=loaded.dtype,
                          compile=opt.compile, cuda_graphs=opt.cuda_graphs, lanes_per_row=opt.spec_tokens + 1,
-                         prefix_cache_bytes=prefix_cache_bytes(loaded.model.config, opt, loaded.dtype))
+                         prefix_cache_bytes=prefix)
     if opt.cuda_graphs or opt.compile:
         log.info("warming up: %d step variants captured/compiled", runner.warmup())
     return Engine(runner, loaded.tokenizer, opt.max_queue if max_queue is None else max_queue,
