@@ -5,7 +5,8 @@ unrolled model (and the reference decode loop, and no-cache decoding); 2 a mixed
 ({1,2,4,6}) vs every row at the deepest, at 8, 16 and 32 rows; 3-4 through the real HTTP server
 (bench_http.py); 5 onnxruntime vs torch; 6 CUDA (bench_cuda.py, skipped without a GPU); 7 several prompts
 prefilled in one forward vs one per turn (TTFT); 8 peak memory per --max-batch; 9 self-speculative decoding
-vs plain (batch 1 per draft depth, then growing batches). Same prompt everywhere,
+vs plain (batch 1 per draft depth, then growing batches); 10 prompts behind a cached prefix, with the prefix cache
+vs without (TTFT). Same prompt everywhere,
 one warm-up run excluded, `--reps` repetitions each. "The engine" is `loopgpt serve`'s engine driven
 in-process (`loopgpt.server.inprocess`, handed in by the CLI: loadtest/ imports only model/).
 
@@ -165,6 +166,43 @@ def row_prefill(model: LoopGPT, tokenizer, engine: Any, reps: int, prompts: int 
     return row
 
 
+def row_prefix(model: LoopGPT, tokenizer, engine: Any, reps: int, prompts: int = 8, suffix: int = 25) -> Row:
+    """Row 10: `prompts` requests that share a long prefix (three quarters of the context: 192 tokens of the demo's
+    256, 384 of 512), each with its own `suffix`-token end, arrive together; the prefix is already cached (an
+    earlier request's). Time until every one has its first token, with the prefix cache and without (the load
+    test's --shared-prefix runs the same case through HTTP at 8 streams)."""
+    length = model.config.block_size * 3 // 4
+    suffix = min(suffix, model.config.block_size - length - 1)  # + the first token: within the context
+    row = Row(10, f"{prompts} prompts, a cached {length}-token prefix + {suffix} own tokens: prefix cache vs none",
+              "s to all first tokens", "prefix cache (64 MiB)", "--no-prefix-cache", target=4.0,
+              higher_is_better=False)
+    if engine is None:
+        row.skipped = NO_ENGINE
+        return row
+    ids = tokenizer.encode(" ".join(BUILTIN_PROMPTS * 40))
+    prefix, ends = ids[:length], ids[length:]
+    turn = [0]
+
+    def specs() -> list[tuple[list[int], int, int]]:  # new suffixes every call: only the prefix is ever cached
+        turn[0] += 1
+        return [(prefix + ends[(turn[0] * prompts + i) * 3 % (len(ends) - suffix):][:suffix], model.config.max_loops,
+                 1) for i in range(prompts)]
+
+    engines = [engine(model, tokenizer, prompts, prefix_cache_bytes=b) for b in (64 << 20, 0)]
+    try:
+        for e in engines:
+            e.generate([(prefix + ends[:suffix], model.config.max_loops, 1)])  # the prefix, cached
+        row.ours, row.base = interleaved([lambda e=e: e.generate(specs()) for e in engines], reps)
+        waiters = [engines[0].submit(*spec) for spec in specs()]
+        for w in waiters:
+            w.done.wait(600)
+        row.extra = {"cached tokens per request (ours)": sorted({w.finish.cached_tokens for w in waiters})}
+    finally:
+        for e in engines:
+            e.close()
+    return row
+
+
 def row_memory(model: LoopGPT, tokenizer, engine: Any, prompt: list[int], n: int) -> Row:
     """Row 8: peak resident memory of this process after serving a full batch, per --max-batch, smallest first (CPU;
     on CUDA row 6 reports max_memory_allocated)."""
@@ -249,9 +287,9 @@ def run_bench(checkpoints: list[str], rows: set[int], reps: int, tokens: int, js
               compile: bool = False) -> int:
     """Every asked row on each checkpoint in turn (row 6 once: it brings its own model). `engine` is
     `loopgpt.server.inprocess.InProcess` (or None: the engine rows are skipped)."""
-    unknown = rows - set(range(1, 10))
+    unknown = rows - set(range(1, 11))
     if unknown:
-        raise ValueError(f"--rows takes numbers 1..9, got {sorted(unknown)}")
+        raise ValueError(f"--rows takes numbers 1..10, got {sorted(unknown)}")
     if reps < 1 or tokens < 2:
         raise ValueError("--reps must be >= 1 and --tokens >= 2")
     if threads < 1:
@@ -313,7 +351,8 @@ def _checkpoint_rows(checkpoint: str, rows: set[int], reps: int, tokens: int, on
              (5, onnx),
              (7, lambda: row_prefill(model, tokenizer, engine, reps)),
              (8, lambda: row_memory(model, tokenizer, engine, prompt, tokens)),
-             (9, lambda: row_speculative(model, tokenizer, engine, prompt, reps, tokens))]
+             (9, lambda: row_speculative(model, tokenizer, engine, prompt, reps, tokens)),
+             (10, lambda: row_prefix(model, tokenizer, engine, reps))]
     results: list[Row] = []
     for number, fn in steps:
         if number in rows or (number == 3 and 4 in rows):

@@ -164,7 +164,7 @@ def add_bench_parser(sub, default_checkpoint: str) -> None:
                    help="checkpoint directory; repeat it to run every row on each in turn, e.g. the demo and "
                         f"`loopgpt bench-checkpoint`'s GPT-2-vocabulary one (default {default_checkpoint})")
     p.set_defaults(default_checkpoint=default_checkpoint)
-    p.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="which benchmark rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7,8,9,10", help="which benchmark rows to run (default all)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per repetition (default 64)")
     p.add_argument("--onnx", default=None, help="ONNX export directory for row 5 (default: export it to a temp dir)")
@@ -182,6 +182,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         rows = {int(r) for r in args.rows.split(",") if r.strip()}
     except ValueError:
-        raise ValueError(f"--rows takes numbers 1..9 separated by commas, got {args.rows!r}") from None
+        raise ValueError(f"--rows takes numbers 1..10 separated by commas, got {args.rows!r}") from None
     return run_bench(args.checkpoint or [args.default_checkpoint], rows, args.reps, args.tokens, args.json,
                      args.onnx, args.threads, args.dtype, args.engine, args.compile)

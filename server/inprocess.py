@@ -46,9 +46,10 @@ class InProcess:
     def __init__(self, model: Any, tokenizer: Tokenizer, max_batch: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False, cuda_graphs: bool = False,
                  prefill_chunk: int = 128, max_loops: int | None = None, lanes_per_row: int = 1,
-                 spec_batch_limit: int | None = None):
+                 spec_batch_limit: int | None = None, prefix_cache_bytes: int = 0):
         self.runner = ModelRunner(model, max_batch, device=device, dtype=dtype, compile=compile,
-                                  cuda_graphs=cuda_graphs, max_loops=max_loops, lanes_per_row=lanes_per_row)
+                                  cuda_graphs=cuda_graphs, max_loops=max_loops, lanes_per_row=lanes_per_row,
+                                  prefix_cache_bytes=prefix_cache_bytes)
         if compile or cuda_graphs:
             with self.runner.context():
                 self.runner.warmup()

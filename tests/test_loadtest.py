@@ -273,19 +273,21 @@ def test_loadtest_against_the_real_server(real_server, endpoint):
 
 def test_bench_engine_rows_write_ratios(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,2,6,7,8,9", "--reps", "2", "--tokens", "6",
-                 "--json", str(out)]) == 0
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,2,6,7,8,9,10", "--reps", "2", "--tokens",
+                 "6", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
-    assert set(rows) == {1, 2, 6, 7, 8, 9} and data["tokens"] == 6 and data["machine"]["threads"] == 1
-    for n in (1, 2, 7):
+    assert set(rows) == {1, 2, 6, 7, 8, 9, 10} and data["tokens"] == 6 and data["machine"]["threads"] == 1
+    for n in (1, 2, 7, 10):
         assert len(rows[n]["ours"]) == len(rows[n]["base"]) == 2 and rows[n]["ratio"] > 0
         ours, base = rows[n]["ours_median"], rows[n]["base_median"]
-        assert rows[n]["ratio"] == pytest.approx(base / ours if n == 7 else ours / base)  # >1 always means faster
+        assert rows[n]["ratio"] == pytest.approx(base / ours if n in (7, 10) else ours / base)  # >1: faster
     assert "no KV cache" in " ".join(rows[1]["extra"]) and rows[6]["skipped"]
     assert {"8 rows, tok/s", "16 rows, tok/s", "32 rows, tok/s"} <= set(rows[2]["extra"])
     assert len(rows[8]["extra"]) == 3
     assert rows[9]["ratio"] > 0 and rows[9]["extra"]["greedy output identical to plain"] == "yes"
+    prefix = json.loads((tiny_checkpoint / "config.json").read_text())["block_size"] * 3 // 4
+    assert rows[10]["extra"]["cached tokens per request (ours)"] == [prefix // 16 * 16]  # the whole prefix's blocks
     assert "decode batch 1" in capsys.readouterr().out
 
 
@@ -302,6 +304,6 @@ def test_bench_http_and_onnx_rows(tiny_checkpoint, tmp_path):
 
 def test_bench_bad_rows_is_one_sentence(tiny_checkpoint, capsys):
     assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "1,x"]) == 2
-    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "10"]) == 2
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--rows", "11"]) == 2
     err = capsys.readouterr().err
-    assert "--rows takes numbers 1..9" in err and err.count("\n") == 2
+    assert "--rows takes numbers 1..10" in err and err.count("\n") == 2
