@@ -222,7 +222,8 @@ def test_scored_prompts_are_scored_from_the_cache_at_their_own_depth(parts, pref
     reqs = [ask(prefix + ends[0], 3), ask(prefix + ends[1], 3, prompt_logprobs=5), ask(prefix + ends[2], 5),
             ask(prefix + ends[3], 3, prompt_logprobs=2)]
     got, want = [], []
-    for cache_bytes, out, asked in ((MB, got, reqs), (0, want, [{**r, "prompt_logprobs": r.get("prompt_logprobs") or 1} for r in reqs])):
+    echo_all = [{**r, "prompt_logprobs": r.get("prompt_logprobs") or 1} for r in reqs]
+    for cache_bytes, out, asked in ((MB, got, reqs), (0, want, echo_all)):
         runner = Checked(model, max_batch=4, prefix_cache_bytes=cache_bytes)
         engine = Engine(runner, tokenizer, prompt_nll=1.0)  # every prompt scored for the prompt_nll metric
         engine.start()
