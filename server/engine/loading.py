@@ -91,7 +91,7 @@ def prefix_cache_bytes(cfg: Any, opt: Any, dtype: torch.dtype, device: torch.dev
     """--prefix-cache-mb in bytes. By default as much as the KV cache's memory on a CPU, a quarter of it on a GPU:
     the cache's rows hold the live requests, the prefix cache what they may share. Host memory is plentiful and an
     evaluation's shared contexts come back far apart (lm-eval sorts its requests by length): on tinystories_next a
-    quarter kept 31% of the prompt tokens, the whole share 45%, 512 MiB no more (docs/performance.md). On a GPU
+    quarter kept 31% of the prompt tokens, the whole share 45%, 512 MiB no more (docs/architecture.md). On a GPU
     the memory is the KV cache's own, so its default stays a quarter (not measured there)."""
     if not opt.prefix_cache or opt.prefix_cache_mb == 0:
         return 0
