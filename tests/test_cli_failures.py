@@ -58,7 +58,7 @@ def test_serve_exits_2_with_one_sentence_on_a_damaged_checkpoint(case, tiny_chec
     line = check_one_sentence("serve", proc.returncode, proc.stderr, expected)
     assert time.monotonic() - start < 30  # a few seconds alone; generous for a loaded 2-core CI box
     if "loop_cap" in case:
-        assert line.endswith("lower --max-batch, --loop-cap, --max-context or --kv-budget")
+        assert line.endswith("lower --max-batch, --loop-cap, --max-context, --kv-budget or --prefix-cache-mb")
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED))
