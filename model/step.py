@@ -61,7 +61,8 @@ class StepState:
 
 
 def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch.Tensor, rows: torch.Tensor,
-                pos: torch.Tensor, loop: torch.Tensor | int, ctx: int) -> torch.Tensor:
+                pos: torch.Tensor, loop: torch.Tensor | int, ctx: int, span: slice | None = None,
+                converge: bool = True) -> torch.Tensor | None:
     """One loop for each batch entry: its lane, cache row, position and loop index, all (B,) long; the new hidden
     states go to the lanes. Returns each entry's convergence value (B,) float32, the cosine change of its state
     over this loop (model/adaptive.py), on which adaptive requests stop. Several entries may share a cache row
@@ -69,18 +70,22 @@ def decode_step(model: LoopModel, cache: KVCache, state: StepState, lanes: torch
 
     `ctx` (keys read per row) must exceed every position. Padded entries point at a scratch lane and row.
     `loop` may be one int when every entry stands at the same loop (a CPU fast path: one slot, one gate,
-    no select between a new token's embedding and a hidden state); graphs and compile always pass a tensor."""
+    no select between a new token's embedding and a hidden state); graphs and compile always pass a tensor.
+    `span`: `rows` as a slice, when the host knows them to run up by one (each row once): keys are then read as a
+    view of the cache instead of gathered row by row (a copy of every key, at batch 1 an eighth of a step).
+    `converge` False: no convergence values (None), when no entry stops on them (eager only: a graph keeps one
+    shape of work whatever the batch asks)."""
     if isinstance(loop, int):
         x = model.embed(state.tokens[lanes][:, None], pos[:, None]) if loop == 0 else state.hidden[lanes][:, None]
     else:
         x0 = model.embed(state.tokens[lanes][:, None], pos[:, None])  # (B, 1, C) a new token's loop-0 input
         x = torch.where((loop == 0)[:, None, None], x0, state.hidden[lanes][:, None])  # (B, 1, C)
     pos2 = pos[:, None]  # (B, 1)
-    access = CacheAccess(cache, loop, rows, rows, pos2, ctx, position_mask(pos2, ctx))
+    access = CacheAccess(cache, loop, rows if span is None else span, rows, pos2, ctx, position_mask(pos2, ctx))
     before = x[:, 0]
     x = model.loop_body(x, loop, access)[:, 0]  # (B, C)
     state.hidden.index_copy_(0, lanes, x)
-    return convergence(model, before, x, SERVING_MEASURE)
+    return convergence(model, before, x, SERVING_MEASURE) if converge else None
 
 
 def head_step(model: LoopModel, state: StepState, src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,

@@ -205,13 +205,13 @@ def test_a_failing_row_ends_alone_and_its_batch_mates_finish_unchanged(engine_pa
     victim = Collector()
     engine.start()
     try:
-        with engine.cond:  # everyone admitted together; the victim (last) gets row 0
+        with engine.cond:  # all admitted together, lowest free row first: the victim (last) gets row 4
             collectors = []
             for prompt, loops, n in specs:
                 collectors.append(Collector())
                 engine.submit(Request(tokenizer.encode(prompt), loops, n, GREEDY, emit=collectors[-1], eos_token=-1))
             engine.submit(Request(tokenizer.encode("Her mom smiled"), 2, 30, GREEDY, emit=victim, eos_token=-1))
-            runner.victim_row = 0
+            runner.victim_row = 4
         ev = victim.finish()
         assert ev.finish_reason == "error" and "non-finite logits" in ev.error and ev.completion_tokens < 30
         for (prompt, loops, n), c in zip(specs, collectors, strict=True):

@@ -144,3 +144,25 @@ def test_prefill_scores_only_the_chunks_with_targets():
         if targets[row]:
             table = scores[0][row - 1, :len(p) - 1, 0]
             assert torch.allclose(table, -want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gated", "kv-budget-2"])
+@torch.inference_mode()
+def test_a_span_of_consecutive_rows_reads_the_same_keys_as_their_gather(name):
+    """decode_step's `span` (the engine passes it when the rows run up by one) reads the cache as a view: the
+    new states and convergence values must equal the gathered read's, at every loop of a deep token."""
+    model = tiny_model(block_size=64, **CONFIGS[name])
+    rows, prompts = [1, 2, 3], [[5, 9, 2, 7, 1], [3, 3, 8], [11, 4, 6, 2]]
+    runs = []
+    for span in (None, slice(1, 4)):
+        torch.manual_seed(0)
+        cache = KVCache(model.config, 5, loops=4)
+        state = StepState.allocate(5, 5, model.config.n_embd, "cpu", torch.float32)
+        prefill(model, cache, state, rows, prompts, [0] * 3, [4] * 3, 4)
+        lanes, pos = torch.tensor(rows), torch.tensor([len(p) for p in prompts])
+        state.tokens[lanes] = torch.tensor([1, 2, 3])
+        conv = [decode_step(model, cache, state, lanes, lanes, pos, loop, 64, span) for loop in range(4)]
+        runs.append((state.hidden[lanes].clone(), torch.stack(conv)))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+    assert decode_step(model, cache, state, lanes, lanes, pos, 0, 64, slice(1, 4), converge=False) is None

@@ -70,7 +70,7 @@ class Engine(Scheduler):
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per turn, over all requests
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: dict[int, Row] = {}  # cache row -> admitted request, in admission order
-        self.free_rows = list(range(runner.max_batch))
+        self.free_rows = list(range(runner.max_batch))[::-1]  # lowest last: pop() admits into the lowest free row
         # Turns launched but not yet postprocessed: one on a GPU (the host streams turn t-1 while the device
         # runs turn t), none on a CPU, where nothing would overlap.
         self.inflight: collections.deque[tuple[list[Sampled], Pending]] = collections.deque()
@@ -325,6 +325,7 @@ class Engine(Scheduler):
         self.rows.pop(row.index, None)
         self.runner.free(row.index)
         self.free_rows.append(row.index)
+        self.free_rows.sort(reverse=True)  # rows in use stay packed low: consecutive rows read K/V without a gather
         tail = row.stream.finish() if reason in ("stop", "length") and not row.stream.stopped else ""
         self._send_finish(req, reason, tail, row.n_tokens, row.first_token_at, row.prompt_nll,
                           row.nll_sum / row.n_tokens if row.n_tokens else None, error,

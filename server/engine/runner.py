@@ -97,6 +97,11 @@ LANE, ROW, POS, LOOP, H_SRC, H_DST, H_ROW, SEED, COUNTER, TOP_K, MODE, BAN = ran
 TEMPERATURE, TOP_P = range(2)
 
 
+def consecutive(rows: list[int]) -> slice | None:
+    """`rows` as a slice when they run up by one, each row once (see `decode_step`'s span); else None."""
+    return slice(rows[0], rows[0] + len(rows)) if rows and rows == list(range(rows[0], rows[0] + len(rows))) else None
+
+
 def packs(chunks: list[PrefillChunk], waste: float = 0.25) -> list[list[PrefillChunk]]:
     """Prefill chunks in forwards of similar lengths, longest first. One forward pads every chunk to its longest:
     a prefix-cache hit's 20-token suffix beside a 128-token prompt would compute 108 positions for nothing (lm-eval's
@@ -216,8 +221,10 @@ class ModelRunner:
         if plan.repeat > 1:
             return self._run_lockstep(plan, slot)
         groups = self._groups(plan)
-        if groups:  # entries sorted by loop: one call per loop index, each reading one K/V slot with one gate
-            order = sorted(range(len(plan.loop)), key=plan.loop.__getitem__)
+        if self.eager and not self.cuda and not plan.convergence and plan.lanes:
+            # entries sorted by loop (one call per loop index, each reading one K/V slot with one gate), then by
+            # row (consecutive rows read their keys as one view); convergence values are read back by entry
+            order = sorted(range(len(plan.loop)), key=lambda i: (plan.loop[i], plan.rows[i]))
             plan = dataclasses.replace(plan, **{k: [getattr(plan, k)[i] for i in order]
                                                 for k in ("lanes", "rows", "pos", "loop")})
         # Padding to a bucket lets graphs and compiled kernels repeat their shapes; eager runs the exact batch.
@@ -248,9 +255,10 @@ class ModelRunner:
             if groups:
                 for loop, start, end in groups:
                     self._decode_fn(end - start, ctx_bucket(max(plan.pos[start:end]) + 1, self.cache.max_len), loop,
-                                    start)
+                                    start, consecutive(plan.rows[start:end]), converge=False)
             elif self.eager and min(plan.loop) == max(plan.loop):  # the CPU fast path: one slot, one gate
-                self._decode_fn(B, ctx_bucket(max(plan.pos) + 1, self.cache.max_len), plan.loop[0])
+                self._decode_fn(B, ctx_bucket(max(plan.pos) + 1, self.cache.max_len), plan.loop[0], 0,
+                                consecutive(plan.rows), converge=plan.convergence)
             else:
                 ctx = ctx_bucket(max(plan.pos) + 1, self.cache.max_len)
                 self._replay(("decode", B, ctx), lambda: self._decode(B, ctx))
@@ -293,9 +301,9 @@ class ModelRunner:
         assert self.eager and n * plan.repeat == len(plan.lanes) and plan.loop[:n] == [0] * n
         first = StepPlan(lanes=plan.lanes[:n], rows=plan.rows[:n], pos=plan.pos[:n], loop=plan.loop[:n])
         self._run(first, slot)
-        ctx = ctx_bucket(max(first.pos) + 1, self.cache.max_len)
-        for loop in range(1, plan.repeat):
-            self._decode_fn(n, ctx, loop)
+        ctx, span = ctx_bucket(max(first.pos) + 1, self.cache.max_len), consecutive(sorted(first.rows))
+        for loop in range(1, plan.repeat):  # the entries as _run left them on the device: sorted by row
+            self._decode_fn(n, ctx, loop, 0, span, converge=False)
         return self._run(StepPlan(samples=plan.samples), slot)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
@@ -363,10 +371,13 @@ class ModelRunner:
         dst[:n] = values
         dst[n:size] = pad
 
-    def _decode_fn(self, B: int, ctx: int, loop: int | None = None, start: int = 0) -> None:
+    def _decode_fn(self, B: int, ctx: int, loop: int | None = None, start: int = 0, span: slice | None = None,
+                   converge: bool = True) -> None:
         d, end = self.d_long, start + B
-        self.d_conv[start:end] = decode_step(self.model, self.cache, self.state, d[LANE, start:end], d[ROW, start:end],
-                                             d[POS, start:end], d[LOOP, start:end] if loop is None else loop, ctx)
+        conv = decode_step(self.model, self.cache, self.state, d[LANE, start:end], d[ROW, start:end], d[POS, start:end],
+                           d[LOOP, start:end] if loop is None else loop, ctx, span, converge)
+        if conv is not None:
+            self.d_conv[start:end] = conv
 
     def _groups(self, plan: StepPlan) -> list[tuple[int, int, int]]:
         """(loop, start, end) of each loop index's entries once sorted by loop, when one call per loop index
